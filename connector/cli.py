@@ -1,0 +1,221 @@
+"""``usersync``: run, plan and inspect syncs; serve the emulators; run the demo.
+
+A thin shell over ``connector.engine``: the Airflow tasks call the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from connector import __version__, config, engine, state
+from connector.config import ConfigError
+from connector.progress import Progress
+
+DEFAULT_CONFIG = os.environ.get("USERSYNC_CONFIG", "syncs.yaml")
+EXAMPLES = """examples:
+  usersync run --all --config demo/syncs.yaml       push every sync's changes
+  usersync run dfinery_users --full-refresh          re-send every attribute (not increments)
+  usersync plan dfinery_users                        what would be sent, nothing sent
+  usersync status                                    recent runs and their batches
+  usersync emulators --config demo/syncs.yaml        serve the vendor emulators on 127.0.0.1
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except state.Locked as e:
+        print(f"not started: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: the next run re-sends whatever was not acknowledged", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="usersync", description="Reverse ETL for user attributes: "
+                                "warehouse -> engagement platforms, only what changed.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"usersync {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp):
+        sp.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                        help=f"the syncs file (default: $USERSYNC_CONFIG or syncs.yaml; now {DEFAULT_CONFIG})")
+
+    r = sub.add_parser("run", help="read, diff and push what changed; record the run",
+                       description="Read changed users, diff them against what was last delivered, push only "
+                       "the changes, and record every batch. Exit 0 on success or on a partial run within the "
+                       "sync's max_failure_fraction; 1 otherwise; 2 on a config error; 3 when another run holds the lock.")
+    r.add_argument("sync", nargs="?", help="sync name (or --all)")
+    r.add_argument("--all", action="store_true", help="run every sync in the file, one after another")
+    with_config(r)
+    r.add_argument("--full-refresh", action="store_true",
+                   help="ignore the cursor and re-send every set attribute (increments still send only the difference)")
+    r.add_argument("--dry-run", action="store_true", help="plan and record the run, send nothing")
+    r.add_argument("--since", type=_datetime, metavar="DATETIME", help="backfill: cursor window start (inclusive)")
+    r.add_argument("--until", type=_datetime, metavar="DATETIME", help="backfill: cursor window end (exclusive)")
+    r.add_argument("--user", action="append", dest="users", metavar="ID", help="only this user (repeatable)")
+    r.add_argument("--allow-large-change", action="store_true", help="override the blast-radius guard")
+    r.add_argument("--json", action="store_true", help="end each run with one JSON line summarising it")
+    r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="show what a run would send, without sending",
+                        description="Plan a run (extract, map, diff) and show counts per attribute and sample "
+                        "payloads. Nothing is sent and the snapshot does not move.")
+    pl.add_argument("sync")
+    with_config(pl)
+    pl.add_argument("--full-refresh", action="store_true")
+    pl.add_argument("--samples", type=int, default=3, help="sample payloads to print (default 3)")
+    pl.set_defaults(func=cmd_plan)
+
+    st = sub.add_parser("status", help="recent runs and their batch outcomes")
+    st.add_argument("sync", nargs="?")
+    with_config(st)
+    st.add_argument("--runs", type=int, default=10, help="how many recent runs (default 10)")
+    st.set_defaults(func=cmd_status)
+
+    em = sub.add_parser("emulators", help="serve the vendor emulators on 127.0.0.1 (foreground)",
+                        description="Serve every vendor's emulator. With --config, the attributes the syncs map "
+                        "are registered, as a user would register them in each vendor's console.")
+    em.add_argument("--config", "-c", help="register the attributes mapped in this syncs file")
+    em.add_argument("--host", default="127.0.0.1")
+    em.set_defaults(func=cmd_emulators)
+
+    dm = sub.add_parser("demo", help="build a demo warehouse in demo/, sync it to the emulators, change users, sync again")
+    dm.add_argument("--dir", default="demo", help="where to put the warehouse and syncs.yaml (default demo/)")
+    dm.add_argument("--users", type=int, default=5000)
+    dm.set_defaults(func=cmd_demo)
+
+    dd = sub.add_parser("ddl", help="print the sync tables' DDL for a database dialect")
+    dd.add_argument("dialect", choices=["sqlite", "postgresql", "mysql"])
+    dd.set_defaults(func=lambda a: print(state.ddl(a.dialect), end="") or 0)
+    return p
+
+
+def _datetime(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date-time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_run(args) -> int:
+    cfg, _ = config.load(args.config)
+    if args.all == bool(args.sync):
+        print("give a sync name or --all", file=sys.stderr)
+        return 2
+    names = [s.name for s in cfg.syncs] if args.all else [args.sync]
+    window = (args.since, args.until) if args.since or args.until else None
+    worst = 0
+    for name in names:
+        progress = Progress(name)
+        try:
+            summary = engine.run(cfg, name, full_refresh=args.full_refresh, dry_run=args.dry_run, window=window,
+                                 user_ids=args.users, allow_large_change=args.allow_large_change, progress=progress)
+        finally:
+            progress.close()
+        print(json.dumps(summary.as_json()) if args.json else summary.line(), flush=True)
+        worst = max(worst, 0 if summary.ok else 1)
+    return worst
+
+
+def cmd_plan(args) -> int:
+    cfg, _ = config.load(args.config)
+    sync = engine.open_sync(cfg, args.sync)
+    sync.source  # noqa: B018 - validates the columns
+    run_id = engine.begin(sync, mode="dry_run", trigger="cli:plan")
+    try:
+        p = engine.plan(sync, run_id, mode="full" if args.full_refresh else "incremental", dry_run=True)
+    finally:
+        engine.finalize(sync, run_id, status="dry_run")
+    print(f"{args.sync}: read {p.users_read} users; {p.users_changed} to send; {p.users_invalid} set aside; "
+          f"{p.users_settled} changed in unmapped or NULL-skipped columns only")
+    if p.per_attribute:
+        width = max(len(a) for a in p.per_attribute)
+        print("changes per attribute:")
+        for attr, n in p.per_attribute.most_common():
+            print(f"  {attr:<{width}}  {n}")
+    client = sync.vendor_cls(sync.spec.vendor.base_url, {c: "***" for c in sync.vendor_cls.credentials},
+                             {**{k: "***" for k in sync.vendor_cls.settings}, **sync.spec.vendor.settings})
+    for change in p.samples[: args.samples]:
+        req = client.request([change])
+        print(f"sample {req.method} {req.url.split('?')[0]}:\n  {json.dumps(req.json, ensure_ascii=False)}")
+    if p.guard:
+        print(f"blast-radius guard would stop this run: {p.guard}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    cfg, _ = config.load(args.config)
+    eng = state.connect(cfg.state_url)
+    r, b = state.runs, state.batches
+    q = sa.select(r).order_by(r.c.run_id.desc()).limit(args.runs)
+    if args.sync:
+        q = q.where(r.c.sync == args.sync)
+    with eng.connect() as c:
+        rows = c.execute(q).mappings().all()
+        if not rows:
+            print("no runs recorded yet")
+            return 0
+        print(f"{'run':>5} {'sync':<22} {'mode':<11} {'status':<9} {'started (UTC)':<19} "
+              f"{'read':>8} {'changed':>8} {'deliv.':>8} {'reject.':>8} {'failed':>7} {'reqs':>7}")
+        for run in rows:
+            print(f"{run['run_id']:>5} {run['sync'][:22]:<22} {run['mode']:<11} {run['status']:<9} "
+                  f"{run['started_at']:%Y-%m-%d %H:%M:%S} {run['users_read']:>8} {run['users_changed']:>8} "
+                  f"{run['users_delivered']:>8} {run['users_rejected']:>8} {run['users_failed']:>7} {run['requests']:>7}")
+            outcomes = c.execute(sa.select(b.c.outcome, sa.func.count(), sa.func.sum(b.c.attempts))
+                                 .where(b.c.run_id == run["run_id"]).group_by(b.c.outcome)).all()
+            if outcomes:
+                print("      batches: " + ", ".join(f"{o} {n} ({a} attempts)" for o, n, a in outcomes))
+            if run["error"]:
+                print(f"      error: {run['error'][:300]}")
+        f = state.failures
+        q = sa.select(f.c.sync, f.c.user_key, f.c.error_class, f.c.code, f.c.message).order_by(f.c.last_seen.desc()).limit(5)
+        if args.sync:
+            q = q.where(f.c.sync == args.sync)
+        fails = c.execute(q).all()
+        if fails:
+            print("recent failures (retried next run):")
+            for s, k, cls, code, msg in fails:
+                print(f"  {s} {k}: {cls} {code or ''} {msg[:120]}")
+    return 0
+
+
+def cmd_emulators(args) -> int:
+    from connector import emulator
+
+    specs = config.load(args.config)[0].syncs if args.config else []
+    running = emulator.start_all(specs, host=args.host)
+    for name, r in running.items():
+        print(f"{name:<10} {r.url}")
+    print("serving; Ctrl-C to stop", flush=True)
+    try:
+        emulator.wait()
+    except KeyboardInterrupt:
+        pass
+    for r in running.values():
+        r.stop()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from connector import demo_run
+
+    return demo_run.main(Path(args.dir), users=args.users)

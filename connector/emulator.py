@@ -1,0 +1,275 @@
+"""Vendor emulators: real HTTP servers on loopback that behave as the vendors' docs say.
+
+This module is the shared machinery — serving, a request log, a rate-limit window and
+fault injection. Each vendor module defines an ``Emulator`` subclass with the vendor's
+own rules: routes, auth, body checks, error codes and what it stores.
+
+Admin endpoints (for tests and for a person poking at ``usersync emulators``):
+
+- ``GET  /_emulator/state``    what the vendor now holds (``Emulator.state()``)
+- ``GET  /_emulator/requests`` every request received, in order
+- ``POST /_emulator/faults``   queue faults: ``{"kind": ..., "times": n, ...}`` (see :class:`Fault`)
+- ``POST /_emulator/reset``    forget everything received
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+log = logging.getLogger("usersync.emulator")
+
+
+@dataclasses.dataclass
+class Fault:
+    """One injected misbehaviour, used ``times`` times on requests whose body contains ``match``.
+
+    kinds: ``status`` (HTTP ``status`` with ``body``), ``code`` (the vendor's error ``code``,
+    as the vendor would answer it), ``throttle`` (the vendor's rate-limit answer), ``timeout``
+    (no answer for ``delay`` seconds, then the connection drops), ``reset`` (drop the
+    connection at once), ``malformed`` (200 with truncated JSON), ``slow`` (answer normally
+    after ``delay`` seconds), ``lost`` (apply the request, then drop the connection: the
+    vendor changed but the client never hears of it).
+    """
+
+    kind: str
+    times: int = 1
+    status: int = 500
+    code: Any = None
+    body: str = ""
+    delay: float = 0.0
+    match: str | None = None
+
+
+class Emulator:
+    """Base class: subclasses set ``routes`` ({(method, path): method name}) and implement them.
+
+    A route method gets ``(req)`` — a :class:`Req` — and returns (status, body dict, headers).
+    """
+
+    name = "emulator"
+    routes: dict[tuple[str, str], str] = {}
+    rate_limit: float | None = None  # requests per ``rate_window`` seconds
+    rate_window: float = 1.0
+
+    def __init__(self, **settings: Any):
+        self.lock = threading.RLock()
+        self.settings = settings
+        self.faults: deque[Fault] = deque()
+        self.log: list[dict[str, Any]] = []
+        self._window_start = time.monotonic()
+        self._window_count = 0
+        if "rate_limit" in settings:
+            self.rate_limit = settings["rate_limit"]
+        self.reset()
+
+    # -- vendor hooks --------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything received (subclasses clear their stores and call super)."""
+        with self.lock:
+            self.log.clear()
+            self.faults.clear()
+
+    def state(self) -> Any:
+        """What the vendor holds, as JSON-able data."""
+        return {}
+
+    def throttled(self, retry_after: float) -> tuple[int, dict[str, Any], dict[str, str]]:
+        return 429, {"error": "rate limit"}, {"Retry-After": f"{retry_after:.0f}"}
+
+    def error(self, code: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The vendor's answer carrying an error code (for ``code`` faults)."""
+        return 200, {"code": code, "message": "injected"}, {}
+
+    def rate_headers(self, remaining: int, reset: float) -> dict[str, str]:
+        return {}
+
+    # -- machinery -----------------------------------------------------------------
+    def add_fault(self, kind: str, **kw: Any) -> None:
+        with self.lock:
+            self.faults.append(Fault(kind, **kw))
+
+    def _take_fault(self, body: str) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.match is None or f.match in body:
+                    f.times -= 1
+                    if f.times <= 0:
+                        self.faults.remove(f)
+                    return f
+        return None
+
+    def _rate(self) -> tuple[bool, int, float]:
+        """(allowed, remaining, seconds to window reset) for one more request."""
+        if not self.rate_limit:
+            return True, 1 << 30, 0.0
+        with self.lock:
+            now = time.monotonic()
+            if now - self._window_start >= self.rate_window:
+                self._window_start, self._window_count = now, 0
+            reset = self.rate_window - (now - self._window_start)
+            if self._window_count >= self.rate_limit:
+                return False, 0, reset
+            self._window_count += 1
+            return True, int(self.rate_limit - self._window_count), reset
+
+    def handle(self, req: Req) -> tuple[int, Any, dict[str, str]] | None:
+        """Route one request through faults, the rate limit and the vendor's handler.
+
+        Returns None when the connection must be dropped without an answer.
+        """
+        with self.lock:
+            self.log.append({"method": req.method, "path": req.path, "query": req.query,
+                             "headers": req.headers, "body": req.json, "at": time.time()})
+        fault = self._take_fault(req.raw)
+        if fault:
+            if fault.kind in ("timeout", "slow"):
+                time.sleep(fault.delay)
+            if fault.kind in ("timeout", "reset"):
+                return None
+            if fault.kind == "status":
+                return fault.status, fault.body, {}
+            if fault.kind == "code":
+                return self.error(fault.code)
+            if fault.kind == "throttle":
+                return self.throttled(fault.delay or 1.0)
+            if fault.kind == "malformed":
+                return 200, '{"code": 0, "mess', {}
+        allowed, remaining, reset = self._rate()
+        if not allowed:
+            status, body, headers = self.throttled(reset)
+            return status, body, {**self.rate_headers(0, reset), **headers}
+        route = self.routes.get((req.method, req.path))
+        if route is None:
+            return 404, {"error": f"no route {req.method} {req.path}"}, {}
+        status, body, headers = getattr(self, route)(req)
+        if fault and fault.kind == "lost":
+            return None
+        return status, body, {**self.rate_headers(remaining, reset), **headers}
+
+
+@dataclasses.dataclass
+class Req:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    raw: str
+    json: Any  # parsed body, or None when it is not JSON
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s " + fmt, self.server.emulator.name, *args)
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        url = urlsplit(self.path)
+        if url.path.startswith("/_emulator/"):
+            return self._admin(url.path, raw)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        req = Req(self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)),
+                  {k.lower(): v for k, v in self.headers.items()}, raw, body)
+        answer = self.server.emulator.handle(req)
+        if answer is None:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self._send(*answer)
+
+    def _admin(self, path: str, raw: str) -> None:
+        emu = self.server.emulator
+        if path == "/_emulator/state":
+            return self._send(200, emu.state(), {})
+        if path == "/_emulator/requests":
+            with emu.lock:
+                return self._send(200, list(emu.log), {})
+        if path == "/_emulator/faults":
+            spec = json.loads(raw or "{}")
+            emu.add_fault(spec.pop("kind"), **spec)
+            return self._send(200, {"ok": True}, {})
+        if path == "/_emulator/reset":
+            emu.reset()
+            return self._send(200, {"ok": True}, {})
+        self._send(404, {"error": "unknown admin path"}, {})
+
+    def _send(self, status: int, body: Any, headers: dict[str, str]) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, addr, emulator: Emulator):
+        self.emulator = emulator
+        super().__init__(addr, _Handler)
+
+
+class Running:
+    """An emulator serving on a background thread; ``url`` is its base URL."""
+
+    def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0):
+        self.emulator = emulator
+        self.server = _Server((host, port), emulator)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name=f"emulator-{emulator.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_all(specs=(), host: str = "127.0.0.1", ports: bool = True) -> dict[str, Running]:
+    """Start every vendor's emulator, registering what ``specs`` map for it.
+
+    With ``ports`` each serves on its vendor module's fixed ``PORT``; else on a free port.
+    """
+    from connector import vendors
+
+    running = {}
+    for name in vendors.names():
+        mod = vendors.module(name)
+        mine = [s for s in specs if s.vendor.type == name]
+        running[name] = Running(mod.emulator(mine), host, mod.PORT if ports else 0)
+    return running
+
+
+def wait() -> None:
+    """Block the calling thread until interrupted (the servers run on daemon threads)."""
+    threading.Event().wait()

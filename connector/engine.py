@@ -1,0 +1,221 @@
+"""One sync run, top-down: open -> begin -> plan -> (guard) -> push -> finalize.
+
+The CLI calls :func:`run`, which does all steps in one process. The Airflow DAG calls
+the same steps as tasks: ``begin`` + ``plan`` in one, ``push`` once per shard, then
+``finalize``. State passes between them through the sync tables, never through XCom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector import __version__, config, connections, extract, plan as planning, push as pushing, state, vendors
+from connector.config import Config, ConfigError, SyncSpec
+
+log = logging.getLogger("usersync")
+
+
+class Sync:
+    """A validated sync with its engines, vendor class and coercers: what every step needs."""
+
+    version = __version__
+
+    def __init__(self, cfg: Config, spec: SyncSpec):
+        self.cfg, self.spec = cfg, spec
+        self.vendor_cls = vendors.get(spec.vendor.type)
+        self.coercers = {a.attribute: self.vendor_cls.types[a.type.lower()] for a in spec.mapping}
+        self.warehouse = state.make_engine(cfg.warehouse)
+        self.state = self.warehouse if cfg.state_url == cfg.warehouse else state.make_engine(cfg.state_url)
+        state.metadata.create_all(self.state)
+        self._source: sa.FromClause | None = None
+
+    @property
+    def source(self) -> sa.FromClause:
+        if self._source is None:
+            self._source = self._check_source()
+        return self._source
+
+    def _check_source(self) -> sa.FromClause:
+        """The source exists and has every configured column — else a ConfigError."""
+        spec, path = self.spec, self.cfg.path
+        field = "source.sql" if spec.source.sql else "source.table"
+        try:
+            src = extract.source(self.warehouse, self.cfg, spec)
+        except sa.exc.NoSuchTableError:
+            raise ConfigError(path, f"table {spec.source.table!r} not found in the warehouse", spec.name, field) from None
+        except sa.exc.OperationalError as e:
+            raise ConfigError(path, f"cannot read the source: {e.orig}", spec.name, field) from None
+        have = set(src.c.keys())
+        for i, a in enumerate(spec.mapping):
+            if a.column not in have:
+                raise ConfigError(path, f"unknown column {a.column!r} (source has: {', '.join(sorted(have))})",
+                                  spec.name, f"mapping[{i}].column")
+        for field_, col in spec.identity_columns.items():
+            if col not in have:
+                raise ConfigError(path, f"unknown identity column {col!r}", spec.name, "identity")
+        if spec.cursor and spec.cursor not in have:
+            raise ConfigError(path, f"unknown cursor column {spec.cursor!r}", spec.name, "cursor")
+        return src
+
+    def client(self) -> vendors.Vendor:
+        """The vendor client with its credentials resolved (env or Airflow connection)."""
+        v = self.spec.vendor
+        creds, settings, base_url = dict(v.credentials), dict(v.settings), v.base_url
+        if v.conn_id:
+            try:
+                conn = connections.get(v.conn_id)
+            except LookupError as e:
+                raise ConfigError(self.cfg.path, str(e), self.spec.name, "vendor.conn_id") from None
+            c_creds, c_settings, c_url = self.vendor_cls.from_connection(conn)
+            creds = {**c_creds, **creds}
+            settings = {**c_settings, **settings}
+            base_url = base_url or c_url
+        missing = [c for c in self.vendor_cls.credentials if not creds.get(c)]
+        if missing:
+            raise ConfigError(self.cfg.path, f"missing credential(s): {', '.join(missing)}", self.spec.name,
+                              f"vendor.credentials.{missing[0]}")
+        return self.vendor_cls(base_url, creds, settings)
+
+
+@dataclasses.dataclass
+class Summary:
+    run_id: int
+    sync: str
+    vendor: str
+    status: str
+    users_read: int = 0
+    users_changed: int = 0
+    users_delivered: int = 0
+    users_rejected: int = 0
+    users_failed: int = 0
+    requests: int = 0
+    mode: str = "incremental"
+    error: str | None = None
+    ok: bool = True  # exit status 0?
+
+    def as_json(self) -> dict[str, Any]:
+        keys = ("run_id", "sync", "vendor", "status", "users_read", "users_changed", "users_delivered",
+                "users_rejected", "users_failed", "requests")
+        return {k: getattr(self, k) for k in keys}
+
+    def line(self) -> str:
+        text = (f"{self.sync} [{self.vendor}] run {self.run_id}: {self.status} - read {self.users_read}, "
+                f"changed {self.users_changed}, delivered {self.users_delivered}, rejected {self.users_rejected}, "
+                f"failed {self.users_failed}, {self.requests} request(s)")
+        return text + (f" - {self.error}" if self.error else "")
+
+
+def open_sync(cfg: Config, name: str) -> Sync:
+    return Sync(cfg, cfg.sync(name))
+
+
+def begin(sync: Sync, *, mode: str, trigger: str) -> int:
+    """Record a new run and take the sync's lock (``state.Locked`` if another run holds it)."""
+    run_id = state.start_run(sync.state, sync.spec.name, sync.spec.vendor.type, mode, trigger)
+    try:
+        taken = state.acquire_lock(sync.state, sync.spec.name, run_id)
+    except state.Locked as e:
+        state.update_run(sync.state, run_id, status="skipped", finished_at=state.now(), error=str(e))
+        raise
+    if taken:
+        log.warning("took over the lock of run %s (no heartbeat); its unacknowledged users are re-planned", taken)
+    return run_id
+
+
+def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, user_ids=None,
+         dry_run: bool = False, allow_large_change: bool = False, progress=None) -> planning.Plan:
+    """Extract, map, diff and stage; then apply the blast-radius guard."""
+    since = state.get_watermark(sync.state, sync.spec.name) if mode == "incremental" and not window else None
+    p = planning.build(sync, run_id, mode=mode, since=since, window=window, user_ids=user_ids,
+                       stage=not dry_run, progress=progress)
+    p.guard = p.check_guard(sync.spec.guard)
+    if p.guard and allow_large_change:
+        log.warning("blast-radius guard overridden: %s", p.guard)
+        p.guard = None
+    advance = mode in ("incremental", "full") and not window and not user_ids and p.watermark is not None
+    state.update_run(sync.state, run_id, users_read=p.users_read, users_changed=p.users_changed,
+                     users_rejected=p.users_invalid, watermark_from=state.show_watermark(since),
+                     watermark_to=state.encode_watermark(p.watermark) if advance else None)
+    return p
+
+
+def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pushing.PushResult:
+    result = pushing.push(sync, run_id, shard, progress)
+    with sync.state.begin() as c:
+        c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
+                  .values(requests=state.runs.c.requests + result.requests))
+        if result.stopped:
+            c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(error=result.stopped))
+    return result
+
+
+def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:
+    """Count outcomes from the sync tables, decide the status, advance the cursor, unlock."""
+    run = state.get_run(sync.state, run_id)
+    counts = planning.staged_counts(sync, run_id)
+    f = state.failures
+    with sync.state.connect() as c:
+        by_class = dict(c.execute(sa.select(f.c.error_class, sa.func.count()).where(
+            f.c.sync == sync.spec.name, f.c.run_id == run_id, f.c.error_class.in_(["rejected", "retryable", "in_doubt"]))
+            .group_by(f.c.error_class)).all())
+    pending = counts.get("pending", 0)
+    s = Summary(run_id, sync.spec.name, sync.spec.vendor.type, "running", run["users_read"], run["users_changed"],
+                counts.get("delivered", 0), run["users_rejected"] + by_class.get("rejected", 0),
+                by_class.get("retryable", 0) + by_class.get("in_doubt", 0) + pending,
+                run["requests"], run["mode"], error or run["error"])
+    if status is None:
+        if s.error or pending:
+            status = "failed"
+            s.error = s.error or f"{pending} planned user(s) were not pushed"
+        else:
+            status = "partial" if s.users_rejected or s.users_failed else "success"
+    s.status = status
+    considered = max(s.users_changed + run["users_rejected"], 1)
+    s.ok = status in ("success", "dry_run") or (
+        status == "partial" and (s.users_rejected + s.users_failed) / considered <= sync.spec.max_failure_fraction)
+    with sync.state.begin() as c:
+        if status in ("success", "partial") and run["watermark_to"]:
+            state.set_watermark(c, sync.spec.name, state.decode_watermark(run["watermark_to"]), run_id)
+        c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
+            status=status, finished_at=state.now(), users_delivered=s.users_delivered,
+            users_rejected=s.users_rejected, users_failed=s.users_failed, error=s.error))
+        if status != "dry_run":
+            c.execute(state.plan.delete().where(state.plan.c.run_id == run_id))
+    state.release_lock(sync.state, sync.spec.name, run_id)
+    return s
+
+
+def run(cfg: Config, name: str, *, full_refresh: bool = False, dry_run: bool = False, window=None,
+        user_ids=None, allow_large_change: bool = False, trigger: str = "cli", progress=None) -> Summary:
+    """The whole run in this process (the CLI's ``usersync run``)."""
+    sync = open_sync(cfg, name)
+    sync.source  # noqa: B018 - validate columns before anything is recorded or sent
+    if not dry_run:
+        sync.client()  # credentials resolved before anything is recorded or sent
+    mode = "dry_run" if dry_run else "full" if full_refresh else "backfill" if window else "incremental"
+    run_id = begin(sync, mode=mode, trigger=trigger)
+    try:
+        p = plan(sync, run_id, mode="full" if full_refresh else "incremental", window=window, user_ids=user_ids,
+                 dry_run=dry_run, allow_large_change=allow_large_change, progress=progress)
+        if dry_run:
+            return finalize(sync, run_id, status="dry_run")
+        if p.guard:
+            return finalize(sync, run_id, status="blocked",
+                            error=f"blast-radius guard: {p.guard}; nothing sent (override with --allow-large-change)")
+        push(sync, run_id, progress=progress)
+        return finalize(sync, run_id)
+    except BaseException as e:
+        try:
+            finalize(sync, run_id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        except Exception:  # the state database itself may be what failed
+            log.exception("could not record the failure of run %s", run_id)
+        raise
+
+
+def resolve_config(path) -> Config:
+    cfg, _ = config.load(path)
+    return cfg

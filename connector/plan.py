@@ -1,0 +1,322 @@
+"""Plan a run: extract -> map -> diff against the snapshot -> stage the deltas.
+
+Mapping coerces every mapped column to the vendor's wire type, a column at a time;
+a row that cannot be coerced sets its user aside with a reason. The diff runs in two
+passes: a 64-bit hash of each user's mapped row against the snapshot's (unchanged users
+cost one comparison), then, for users whose hash moved, attribute by attribute against
+the last *delivered* payload, which decides the ops each update rule needs. The result
+is staged in ``sync_plan`` so pushes (one process or many Airflow workers) read it by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+import zlib
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from connector import extract, state
+from connector.coerce import decode
+from connector.vendors.base import Change, Op
+
+log = logging.getLogger("usersync.plan")
+MISSING = object()
+
+
+@dataclasses.dataclass
+class Plan:
+    run_id: int
+    users_read: int = 0
+    users_changed: int = 0  # users with something to send
+    users_invalid: int = 0  # set aside while mapping
+    users_settled: int = 0  # hash moved, nothing to send
+    snapshot_size: int = 0
+    existing_changed: int = 0  # changed users already in the snapshot
+    per_attribute: Counter = dataclasses.field(default_factory=Counter)
+    nulled: Counter = dataclasses.field(default_factory=Counter)
+    samples: list[Change] = dataclasses.field(default_factory=list)
+    watermark: Any = None
+    guard: str | None = None
+
+    def check_guard(self, guard) -> str | None:
+        """Why this plan is implausibly large, or None."""
+        n = self.snapshot_size
+        if n < max(guard.min_users, 1):
+            return None
+        if self.existing_changed / n > guard.max_changed_fraction:
+            return (f"{self.existing_changed} of {n} known users changed "
+                    f"({self.existing_changed / n:.0%} > max_changed_fraction {guard.max_changed_fraction:.0%})")
+        for attr, count in self.nulled.most_common(1):
+            if count / n > guard.max_nulled_fraction:
+                return (f"attribute '{attr}' became NULL for {count} of {n} known users "
+                        f"({count / n:.0%} > max_nulled_fraction {guard.max_nulled_fraction:.0%})")
+        return None
+
+
+def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_ids=None,
+          stage: bool = True, progress=None) -> Plan:
+    """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
+    spec = sync.spec
+    plan = Plan(run_id)
+    hashes = state.snapshot_hashes(sync.state, spec.name)
+    plan.snapshot_size = len(hashes)
+    seen: dict[str, bool] = {}  # key -> staged?
+    duplicates: set[str] = set()
+    beat = time.monotonic()
+
+    if user_ids:
+        chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
+    else:
+        chunks = extract.read(sync.warehouse, sync.source, spec, since=since, window=window)
+    for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
+        plan.users_read += len(frame)
+        if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
+            top = _plain(frame[spec.cursor].dropna().max())
+            plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
+        _plan_chunk(sync, plan, frame, hashes, seen, duplicates, mode=mode, stage=stage)
+        if stage and time.monotonic() - beat > 30:  # long plans keep the lock alive
+            state.heartbeat(sync.state, spec.name, run_id)
+            beat = time.monotonic()
+        if progress:
+            progress.update(rows=len(frame), planned=plan.users_changed)
+    if duplicates and stage:
+        _reject_duplicates(sync, plan, duplicates)
+    return plan
+
+
+def _with_failures(sync, chunks, seen: dict[str, bool], retry: bool):
+    """The scan's chunks, then users who failed before and were not in the scan."""
+    yield from chunks
+    if not retry:
+        return
+    identities = state.failed_identities(sync.state, sync.spec.name)
+    if not identities:
+        return
+    cols = list(sync.spec.identity_columns.values())
+    todo = [i for i in identities if _key_of(tuple(i[c] for c in cols)) not in seen]
+    for frame in extract.read(sync.warehouse, sync.source, sync.spec, identities=todo):
+        frame.attrs["retry"] = True
+        yield frame
+
+
+def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], seen, duplicates,
+                *, mode: str, stage: bool) -> None:
+    spec = sync.spec
+    id_cols = spec.identity_columns
+    keys, bad_identity = _keys(frame, list(id_cols.values()))
+    frame = frame.set_axis(keys)
+    invalid: dict[str, str] = {}
+    for i in np.flatnonzero(bad_identity):
+        log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols.values()))
+        plan.users_invalid += 1
+    ok = ~bad_identity
+    ok_keys = pd.Series(keys[ok], dtype=object)
+    duplicates.update(ok_keys[ok_keys.duplicated(keep=False) | ok_keys.isin(list(seen))])
+    dup_mask = np.array([k in duplicates for k in keys])
+    usable = ok & ~dup_mask
+    frame = frame[usable]
+    for k in frame.index:
+        seen[k] = False
+
+    # map: coerce every attribute; the first bad value rejects the user
+    wire = {}
+    for attr in spec.mapping:
+        values, errors = sync.coercers[attr.attribute](frame[attr.column], attr.attribute)
+        wire[attr.attribute] = values
+        for k, reason in errors.dropna().items():
+            invalid.setdefault(k, reason)
+    wire = pd.DataFrame(wire, index=frame.index)
+    if invalid:
+        plan.users_invalid += len(invalid)
+        bad = wire.index.isin(list(invalid))
+        wire, frame = wire[~bad], frame[~bad]
+
+    # diff, first pass: hash of the mapped row against the snapshot's
+    row_hash = pd.util.hash_pandas_object(wire.astype(object).where(wire.notna(), None).astype(str),
+                                          index=False).to_numpy().view(np.int64)
+    old_hash = np.array([hashes.get(k, 0) for k in wire.index], dtype=np.int64)
+    known = np.array([k in hashes for k in wire.index], dtype=bool)
+    moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(wire), dtype=bool)
+
+    # second pass: attribute by attribute against the last delivered payload
+    cand = wire[moved]
+    old = state.snapshot_payloads(sync.state, spec.name, cand.index[known[moved]])
+    staged, settled, rejected = [], [], []
+    src_ids = frame.loc[cand.index, list(id_cols.values())]
+    for key, row, h, ident_row in zip(cand.index, cand.to_dict("records"), row_hash[moved],
+                                      src_ids.itertuples(index=False)):
+        before = old.get(key)
+        ops, payload = _ops(sync, row, before, full=mode == "full", plan=plan)
+        if before is not None:
+            for attr in spec.mapping:
+                if _isna(row[attr.attribute]) and before.get(attr.attribute) is not None:
+                    plan.nulled[attr.attribute] += 1
+        identity = dict(zip(id_cols, (_plain(v) for v in ident_row)))
+        source_identity = dict(zip(id_cols.values(), (_plain(v) for v in ident_row)))
+        if not ops:
+            settled.append((key, payload, int(h)))
+            continue
+        change = Change(key, identity, tuple(ops))
+        reason = sync.vendor_cls.invalid(change)
+        if reason:
+            rejected.append((key, source_identity, "invalid", None, reason))
+            continue
+        plan.users_changed += 1
+        plan.existing_changed += before is not None
+        for attr, _, _ in ops:
+            plan.per_attribute[attr] += 1
+        if len(plan.samples) < 5:
+            plan.samples.append(change)
+        staged.append({"run_id": plan.run_id, "user_key": key, "shard": zlib.crc32(key.encode()) % spec.shards,
+                       "identity": state.dumps(identity), "source_identity": state.dumps(source_identity),
+                       "ops": state.dumps([[a, o.value, v] for a, o, v in ops]), "payload": state.dumps(payload),
+                       "row_hash": int(h), "status": "pending"})
+        seen[key] = True
+    plan.users_settled += len(settled)
+    rejected += [(k, _source_identity(frame, k, id_cols), "invalid", None, why) for k, why in invalid.items()]
+    plan.users_invalid += len(rejected) - len(invalid)
+    if not stage:
+        return
+    with sync.state.begin() as c:
+        if staged:
+            c.execute(state.plan.insert(), staged)
+        state.upsert_snapshot(c, spec.name, plan.run_id, settled)
+        state.clear_failures(c, spec.name, [k for k, _, _ in settled])  # nothing left to send
+        state.record_failures(c, spec.name, plan.run_id, rejected)
+
+
+def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool, plan: Plan):
+    """The ops that bring the vendor from ``before`` (last delivered) to ``row``."""
+    payload = dict(before or {})
+    ops: list[tuple[str, Op, Any]] = []
+    for attr in sync.spec.mapping:
+        name = attr.attribute
+        rule = sync.vendor_cls.rules[attr.rule]
+        new = decode(sync.coercers[name], row[name])
+        old = payload.get(name, MISSING)
+        if new is None:
+            if old is MISSING or old is None or attr.null == "skip" or rule == "once":
+                continue
+            if attr.null == "unset":
+                ops.append((name, Op.UNSET, None))
+                del payload[name]
+            else:
+                ops.append((name, Op.SET, None))
+                payload[name] = None
+            continue
+        if rule == "once":
+            if old is MISSING:
+                ops.append((name, Op.SET, new))
+                payload[name] = new
+        elif rule == "set":
+            if full or old != new:
+                ops.append((name, Op.SET, new))
+                payload[name] = new
+        elif rule == "increase":
+            delta = new - (old if isinstance(old, (int, float)) else 0)
+            if isinstance(delta, float):
+                delta = round(delta, 9)
+            if delta:
+                ops.append((name, Op.INCREASE, delta))
+                payload[name] = new
+        elif rule in ("append", "list"):
+            had = old if isinstance(old, list) else []
+            added = [x for x in new if x not in had]
+            removed = [x for x in had if x not in new] if rule == "list" else []
+            if added:
+                ops.append((name, Op.APPEND, added))
+            if removed:
+                ops.append((name, Op.REMOVE, removed))
+            if added or removed:
+                payload[name] = new if rule == "list" else had + added
+        else:  # pragma: no cover - config validation keeps rules known
+            raise ValueError(f"unknown rule {rule}")
+    return ops, payload
+
+
+def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
+    """Users whose identity appears more than once: none of their rows is trusted."""
+    keys = sorted(duplicates)
+    with sync.state.begin() as c:
+        for chunk in state.chunked(keys, 500):
+            res = c.execute(state.plan.delete().where(state.plan.c.run_id == plan.run_id,
+                                                      state.plan.c.user_key.in_(chunk)))
+            plan.users_changed -= res.rowcount
+        # no identity kept: the rows are re-read only when they change (and so pass the cursor)
+        state.record_failures(c, sync.spec.name, plan.run_id, [
+            (k, {}, "invalid", None, "duplicate identity in the source") for k in keys])
+    plan.users_invalid += len(keys)
+    log.warning("%d identities appear more than once in the source; set aside: %s", len(keys), ", ".join(keys[:5]))
+
+
+def _keys(frame: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The user key of each row ('a|b' for composite identities) and which are empty."""
+    parts = []
+    bad = np.zeros(len(frame), dtype=bool)
+    for c in cols:
+        s = frame[c]
+        text = s.map(_key_part)
+        bad |= text.isna().to_numpy() | (text == "").to_numpy()
+        parts.append(text.fillna(""))
+    keys = parts[0] if len(parts) == 1 else parts[0].str.cat(parts[1:], sep="|")
+    return keys.to_numpy(dtype=object), bad
+
+
+def _key_part(v: Any) -> Any:
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def _key_of(values: tuple) -> str:
+    return "|".join(_key_part(v) or "" for v in values)
+
+
+def _identities(spec, user_ids: list[str]) -> list[dict[str, Any]]:
+    cols = list(spec.identity_columns.values())
+    return [dict(zip(cols, str(u).split("|"))) for u in user_ids]
+
+
+def _source_identity(frame: pd.DataFrame, key: str, id_cols: dict[str, str]) -> dict[str, Any]:
+    row = frame.loc[key]
+    return {c: _plain(row[c]) for c in id_cols.values()}
+
+
+def _isna(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+
+
+def _plain(v: Any) -> Any:
+    """numpy / pandas scalars as plain Python values (JSON and bind parameters)."""
+    if isinstance(v, pd.Timestamp):
+        return v.to_pydatetime()
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is pd.NA:
+        return None
+    return v
+
+
+def _row_text(row: pd.Series, cols) -> str:
+    return json.dumps({c: str(row[c]) for c in cols}, ensure_ascii=False)
+
+
+def staged_counts(sync, run_id: int) -> dict[str, int]:
+    with sync.state.connect() as c:
+        rows = c.execute(sa.select(state.plan.c.status, sa.func.count()).where(state.plan.c.run_id == run_id)
+                         .group_by(state.plan.c.status))
+        return {s: n for s, n in rows}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

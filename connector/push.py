@@ -1,0 +1,256 @@
+"""Push a staged plan: batches -> rate-limited concurrent requests -> verdicts -> state.
+
+Workers send; the calling thread alone writes the sync tables, one transaction for
+whatever finished together. A user's snapshot moves only when the vendor acknowledged
+it. Retries follow the vendor's verdict: transient errors are retried with exponential
+backoff (or the vendor's own wait); a request carrying increase/append ops is never
+retried after an ambiguous failure (it may have been applied): its idempotent
+attributes are re-sent next run, its non-idempotent ones are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import requests
+import sqlalchemy as sa
+
+from connector import state
+from connector.transport import RateLimiter, Transport
+from connector.vendors.base import Change, Kind, Op, Verdict, transport_verdict
+
+log = logging.getLogger("usersync.push")
+READ_CHUNK = 5000
+
+
+@dataclasses.dataclass
+class PushResult:
+    delivered: int = 0
+    rejected: int = 0
+    failed: int = 0
+    requests: int = 0
+    stopped: str | None = None
+
+
+@dataclasses.dataclass
+class _Job:
+    batch: list[Change]
+    attempts: int = 0
+    not_before: float = 0.0
+
+
+@dataclasses.dataclass
+class _Sent:
+    job: _Job
+    verdict: Verdict | None  # None: not sent (the run was stopped)
+    attempts: int
+    http_status: int | None = None
+    latency_ms: int | None = None
+    sent_at: object = None
+
+
+class _Staged:
+    """What the plan holds for a user beyond the change itself."""
+
+    __slots__ = ("source_identity", "payload", "row_hash")
+
+    def __init__(self, source_identity, payload, row_hash):
+        self.source_identity, self.payload, self.row_hash = source_identity, payload, row_hash
+
+
+def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResult:
+    """Deliver the pending part of a run's plan (one shard, or all)."""
+    cfg = sync.spec.vendor
+    vendor = sync.client()
+    concurrency = cfg.concurrency or vendor.concurrency
+    transport = Transport(concurrency=concurrency, timeout=cfg.timeout, verify=cfg.verify_tls,
+                          user_agent=f"usersync/{sync.version}")
+    limiter = RateLimiter(cfg.rate_limit or vendor.rate_limit)
+    result = PushResult()
+    stop = threading.Event()
+    try:
+        vendor.prepare(transport.session, sync.spec)
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
+            for changes, staged in _pending(sync, run_id, shard):
+                jobs = deque(_Job(b) for b in vendor.batches(changes))
+                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, jobs, staged, stop,
+                       concurrency, result, progress)
+                if stop.is_set():
+                    break
+    finally:
+        transport.close()
+    return result
+
+
+def _pending(sync, run_id: int, shard: int | None):
+    """Pending plan rows, a chunk at a time, as Changes (ordered by key for resumability)."""
+    p = state.plan
+    last = ""
+    while True:
+        q = sa.select(p.c.user_key, p.c.identity, p.c.source_identity, p.c.ops, p.c.payload, p.c.row_hash).where(
+            p.c.run_id == run_id, p.c.status == "pending", p.c.user_key > last)
+        if shard is not None:
+            q = q.where(p.c.shard == shard)
+        with sync.state.connect() as c:
+            rows = c.execute(q.order_by(p.c.user_key).limit(READ_CHUNK)).all()
+        if not rows:
+            return
+        changes, staged = [], {}
+        for key, ident, src, ops, payload, h in rows:
+            changes.append(Change(key, json.loads(ident), tuple((a, Op(o), v) for a, o, v in json.loads(ops))))
+            staged[key] = _Staged(json.loads(src), json.loads(payload), h)
+        yield changes, staged
+        last = rows[-1][0]
+
+
+def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, stop, concurrency, result, progress):
+    cfg = sync.spec.vendor
+    inflight: set[Future] = set()
+    beat = time.monotonic()
+    while jobs or inflight:
+        while jobs and len(inflight) < concurrency * 2 and not stop.is_set():
+            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg))
+        if not inflight:
+            break
+        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+        with sync.state.begin() as conn:
+            for fut in done:
+                sent = fut.result()
+                result.requests += sent.attempts - sent.job.attempts
+                _record(sync, conn, run_id, shard, sent, staged, jobs, stop, result, cfg.max_attempts)
+        if progress:
+            progress.update(requests=result.requests, delivered=result.delivered,
+                            failed=result.failed + result.rejected)
+        if time.monotonic() - beat > 30:
+            state.heartbeat(sync.state, sync.spec.name, run_id)
+            beat = time.monotonic()
+
+
+def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg) -> _Sent:
+    """Send one batch, retrying whole-request transient failures in place."""
+    attempts = job.attempts
+    idempotent = all(c.idempotent for c in job.batch)
+    delay = job.not_before - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    while True:
+        if stop.is_set():
+            return _Sent(job, None, attempts)
+        limiter.acquire()
+        req = vendor.request(job.batch)
+        sent_at = state.now()
+        t0 = time.monotonic()
+        attempts += 1
+        try:
+            resp = transport.send(req)
+            verdict, status = vendor.verdict(req, resp), resp.status_code
+        except requests.RequestException as e:
+            verdict, status = transport_verdict(e), None
+        latency = int((time.monotonic() - t0) * 1000)
+        if verdict.wait:
+            limiter.pause(verdict.wait)
+        retry = (verdict.kind is Kind.RETRY and not verdict.per_user and attempts < cfg.max_attempts
+                 and (idempotent or not verdict.ambiguous))
+        if not retry or stop.is_set():
+            return _Sent(job, verdict, attempts, status, latency, sent_at)
+        log.info("retrying %d user(s) after %s (attempt %d)", len(job.batch), verdict.code or status, attempts)
+        time.sleep(verdict.wait or _backoff(cfg.backoff, attempts))
+
+
+def _backoff(base: float, attempt: int) -> float:
+    return min(60.0, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+
+def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: PushResult, max_attempts) -> None:
+    """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
+    v = sent.verdict
+    if v is None:
+        return
+    batch = sent.job.batch
+    if v.kind is Kind.STOP:
+        stop.set()
+        result.stopped = f"{v.code}: {v.message}" if v.code else v.message
+        log.error("vendor refused the run: %s", result.stopped)
+        _batch_row(conn, sync, run_id, shard, sent, "stopped")
+        return
+    delivered, failed, retry_now = [], [], []
+    for change in batch:
+        kind, code, message = v.outcome(change.key)
+        if kind is Kind.DELIVERED:
+            delivered.append(change)
+        elif kind is Kind.SPLIT and len(batch) > 1:
+            continue  # handled below for the whole batch
+        elif kind is Kind.RETRY and v.per_user and sent.attempts < max_attempts and not stop.is_set():
+            retry_now.append(change)
+        elif kind is Kind.RETRY and v.ambiguous and not change.idempotent:
+            failed.append((change, "in_doubt", code, f"may have been applied; not re-sent: {message}"))
+        elif kind is Kind.RETRY:
+            failed.append((change, "retryable", code, message))
+        else:
+            failed.append((change, "rejected", code, message))
+    if v.kind is Kind.SPLIT and len(batch) > 1:
+        half = len(batch) // 2
+        jobs.extend([_Job(batch[:half], sent.attempts), _Job(batch[half:], sent.attempts)])
+        _batch_row(conn, sync, run_id, shard, sent, "split")
+        return
+    if retry_now:
+        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
+    outcome = ("delivered" if len(delivered) == len(batch) else
+               "partial" if delivered else
+               "retry" if retry_now and not failed else
+               "rejected" if all(f[1] == "rejected" for f in failed) else "failed")
+    _batch_row(conn, sync, run_id, shard, sent, outcome)
+    _delivered(conn, sync, run_id, delivered, staged)
+    _failed(conn, sync, run_id, failed, staged)
+    result.delivered += len(delivered)
+    result.rejected += sum(1 for f in failed if f[1] == "rejected")
+    result.failed += sum(1 for f in failed if f[1] != "rejected")
+
+
+def _delivered(conn, sync, run_id, changes: list[Change], staged) -> None:
+    if not changes:
+        return
+    keys = [c.key for c in changes]
+    state.upsert_snapshot(conn, sync.spec.name, run_id, [(k, staged[k].payload, staged[k].row_hash) for k in keys])
+    state.clear_failures(conn, sync.spec.name, keys)
+    _mark(conn, run_id, keys, "delivered")
+
+
+def _failed(conn, sync, run_id, failed, staged) -> None:
+    if not failed:
+        return
+    doubt = [(c, staged[c.key]) for c, cls, _, _ in failed if cls == "in_doubt"]
+    if doubt:
+        # never re-send the non-idempotent ops; forget the idempotent ones so they go again
+        rows = []
+        for change, s in doubt:
+            resend = {a for a, op, _ in change.ops if op.idempotent}
+            rows.append((change.key, {a: val for a, val in s.payload.items() if a not in resend}, 0))
+        state.upsert_snapshot(conn, sync.spec.name, run_id, rows)
+    state.record_failures(conn, sync.spec.name, run_id, [
+        (c.key, staged[c.key].source_identity, cls, code, msg) for c, cls, code, msg in failed])
+    _mark(conn, run_id, [c.key for c, *_ in failed], "failed")
+
+
+def _mark(conn, run_id: int, keys: list[str], status: str) -> None:
+    p = state.plan
+    for chunk in state.chunked(keys, 500):
+        conn.execute(p.update().where(p.c.run_id == run_id, p.c.user_key.in_(chunk)).values(status=status))
+
+
+def _batch_row(conn, sync, run_id, shard, sent: _Sent, outcome: str) -> None:
+    v = sent.verdict
+    batch = sent.job.batch
+    attrs = sorted({a for c in batch for a, _, _ in c.ops})
+    conn.execute(state.batches.insert().values(
+        run_id=run_id, sync=sync.spec.name, shard=shard, users=len(batch), first_user=batch[0].key,
+        attributes=",".join(attrs)[:2000], http_status=sent.http_status, vendor_code=v.code,
+        vendor_message=(v.message or "")[:2000], attempts=sent.attempts, latency_ms=sent.latency_ms,
+        outcome=outcome, sent_at=sent.sent_at or state.now()))

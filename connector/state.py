@@ -1,0 +1,338 @@
+"""The sync tables: what was delivered, what each run and batch did, what failed.
+
+SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL/MariaDB.
+``usersync ddl`` prints the DDL; ``sql/sync_tables.*.sql`` are that output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+_KEY = sa.String(255)
+_SYNC = sa.String(100)
+_JSON = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_TS = sa.DateTime(timezone=True)
+
+runs = sa.Table(
+    "sync_runs", metadata,
+    sa.Column("run_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sync", _SYNC, nullable=False, index=True),
+    sa.Column("vendor", sa.String(40), nullable=False),
+    sa.Column("mode", sa.String(20), nullable=False),  # incremental / full / backfill / dry_run
+    sa.Column("trigger", sa.String(40), nullable=False),  # cli / airflow:<run id>
+    sa.Column("status", sa.String(20), nullable=False),  # running / success / partial / failed / blocked / dry_run / abandoned
+    sa.Column("started_at", _TS, nullable=False),
+    sa.Column("finished_at", _TS),
+    sa.Column("users_read", sa.Integer, default=0),
+    sa.Column("users_changed", sa.Integer, default=0),
+    sa.Column("users_delivered", sa.Integer, default=0),
+    sa.Column("users_rejected", sa.Integer, default=0),
+    sa.Column("users_failed", sa.Integer, default=0),
+    sa.Column("requests", sa.Integer, default=0),
+    sa.Column("watermark_from", sa.String(100)),
+    sa.Column("watermark_to", sa.String(100)),  # cursor value to commit when the run succeeds
+    sa.Column("error", sa.Text),
+)
+
+batches = sa.Table(
+    "sync_batches", metadata,
+    sa.Column("batch_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, nullable=False, index=True),
+    sa.Column("sync", _SYNC, nullable=False),
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("users", sa.Integer, nullable=False),
+    sa.Column("first_user", _KEY),
+    sa.Column("attributes", sa.Text),  # comma-separated attribute names in the request
+    sa.Column("http_status", sa.Integer),
+    sa.Column("vendor_code", sa.String(40)),
+    sa.Column("vendor_message", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("latency_ms", sa.Integer),
+    sa.Column("outcome", sa.String(20), nullable=False),  # delivered / partial / rejected / failed / stopped
+    sa.Column("sent_at", _TS, nullable=False),
+)
+
+snapshot = sa.Table(
+    "sync_snapshot", metadata,
+    sa.Column("sync", _SYNC, primary_key=True),
+    sa.Column("user_key", _KEY, primary_key=True),
+    sa.Column("payload", _JSON, nullable=False),  # attribute -> last delivered wire value
+    sa.Column("row_hash", sa.BigInteger, nullable=False),  # hash of the mapped source row
+    sa.Column("run_id", sa.Integer),
+    sa.Column("updated_at", _TS, nullable=False),
+)
+
+failures = sa.Table(
+    "sync_failures", metadata,
+    sa.Column("sync", _SYNC, primary_key=True),
+    sa.Column("user_key", _KEY, primary_key=True),
+    sa.Column("identity", sa.Text, nullable=False),  # source identity columns, JSON
+    sa.Column("run_id", sa.Integer),
+    sa.Column("error_class", sa.String(20), nullable=False),  # invalid / rejected / retryable / in_doubt
+    sa.Column("code", sa.String(40)),
+    sa.Column("message", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=1),
+    sa.Column("first_seen", _TS, nullable=False),
+    sa.Column("last_seen", _TS, nullable=False),
+)
+
+plan = sa.Table(
+    "sync_plan", metadata,
+    sa.Column("run_id", sa.Integer, primary_key=True),
+    sa.Column("user_key", _KEY, primary_key=True),
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("identity", sa.Text, nullable=False),  # vendor identity fields, JSON
+    sa.Column("source_identity", sa.Text, nullable=False),  # source identity columns, JSON
+    sa.Column("ops", _JSON, nullable=False),  # [[attribute, op, value], ...]
+    sa.Column("payload", _JSON, nullable=False),  # snapshot payload once delivered
+    sa.Column("row_hash", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # pending / delivered / failed
+    sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"),
+)
+
+cursors = sa.Table(
+    "sync_cursors", metadata,
+    sa.Column("sync", _SYNC, primary_key=True),
+    sa.Column("watermark", sa.String(100), nullable=False),  # JSON: {"t": type, "v": value}
+    sa.Column("run_id", sa.Integer),
+    sa.Column("updated_at", _TS, nullable=False),
+)
+
+locks = sa.Table(
+    "sync_locks", metadata,
+    sa.Column("sync", _SYNC, primary_key=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("acquired_at", _TS, nullable=False),
+    sa.Column("heartbeat_at", _TS, nullable=False),
+)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def connect(url: str) -> Engine:
+    """An engine for the state database, with the sync tables created if missing."""
+    engine = make_engine(url)
+    metadata.create_all(engine)
+    return engine
+
+
+def make_engine(url: str) -> Engine:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}
+    engine = sa.create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _wal(dbapi_conn, _):  # readers do not block the writer
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+    return engine
+
+
+def ddl(dialect: str) -> str:
+    """CREATE TABLE statements for a dialect (sqlite, postgresql, mysql)."""
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    eng = sa.create_mock_engine(f"{dialect}://", lambda *a, **k: None)
+    out = []
+    for table in metadata.sorted_tables:
+        out.append(str(CreateTable(table).compile(dialect=eng.dialect)).strip() + ";")
+        for index in sorted(table.indexes, key=lambda i: i.name):
+            out.append(str(CreateIndex(index).compile(dialect=eng.dialect)).strip() + ";")
+    return "\n\n".join(out) + "\n"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+# -- runs ----------------------------------------------------------------------------
+def start_run(engine: Engine, sync: str, vendor: str, mode: str, trigger: str) -> int:
+    with engine.begin() as c:
+        res = c.execute(runs.insert().values(sync=sync, vendor=vendor, mode=mode, trigger=trigger,
+                                             status="running", started_at=now(), users_read=0,
+                                             users_changed=0, users_delivered=0, users_rejected=0,
+                                             users_failed=0, requests=0))
+        return int(res.inserted_primary_key[0])
+
+
+def update_run(engine: Engine, run_id: int, **values: Any) -> None:
+    with engine.begin() as c:
+        c.execute(runs.update().where(runs.c.run_id == run_id).values(**values))
+
+
+def get_run(engine: Engine, run_id: int) -> dict[str, Any]:
+    with engine.connect() as c:
+        row = c.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().one()
+    return dict(row)
+
+
+# -- snapshot ------------------------------------------------------------------------
+def snapshot_hashes(engine: Engine, sync: str) -> dict[str, int]:
+    """user_key -> row hash for every user of a sync (the diff's first, cheap pass)."""
+    with engine.connect() as c:
+        rows = c.execution_options(stream_results=True, yield_per=100_000).execute(
+            sa.select(snapshot.c.user_key, snapshot.c.row_hash).where(snapshot.c.sync == sync))
+        return {k: h for k, h in rows}
+
+
+def snapshot_payloads(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The last delivered payloads of some users."""
+    out: dict[str, dict[str, Any]] = {}
+    with engine.connect() as c:
+        for chunk in chunked(list(keys), 500):
+            q = sa.select(snapshot.c.user_key, snapshot.c.payload).where(
+                snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk))
+            out.update((k, json.loads(p)) for k, p in c.execute(q))
+    return out
+
+
+def upsert_snapshot(conn: sa.Connection, sync: str, run_id: int | None,
+                    rows: list[tuple[str, dict[str, Any], int]]) -> None:
+    """Write delivered payloads: delete then insert, portable across dialects."""
+    if not rows:
+        return
+    keys = [k for k, _, _ in rows]
+    for chunk in chunked(keys, 500):
+        conn.execute(snapshot.delete().where(snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk)))
+    ts = now()
+    conn.execute(snapshot.insert(), [
+        {"sync": sync, "user_key": k, "payload": dumps(p), "row_hash": h, "run_id": run_id, "updated_at": ts}
+        for k, p, h in rows])
+
+
+# -- failures ------------------------------------------------------------------------
+def record_failures(conn: sa.Connection, sync: str, run_id: int,
+                    rows: list[tuple[str, dict[str, Any], str, str | None, str]]) -> None:
+    """(key, source identity, error class, code, message) — kept until delivered."""
+    if not rows:
+        return
+    keys = [r[0] for r in rows]
+    prior: dict[str, tuple[int, dt.datetime]] = {}
+    for chunk in chunked(keys, 500):
+        q = sa.select(failures.c.user_key, failures.c.attempts, failures.c.first_seen).where(
+            failures.c.sync == sync, failures.c.user_key.in_(chunk))
+        prior.update((k, (a, f)) for k, a, f in conn.execute(q))
+        conn.execute(failures.delete().where(failures.c.sync == sync, failures.c.user_key.in_(chunk)))
+    ts = now()
+    conn.execute(failures.insert(), [
+        {"sync": sync, "user_key": k, "identity": dumps(ident), "run_id": run_id, "error_class": cls,
+         "code": code, "message": (msg or "")[:2000], "attempts": prior.get(k, (0, ts))[0] + 1,
+         "first_seen": prior.get(k, (0, ts))[1], "last_seen": ts}
+        for k, ident, cls, code, msg in rows])
+
+
+def clear_failures(conn: sa.Connection, sync: str, keys: list[str]) -> None:
+    for chunk in chunked(keys, 500):
+        conn.execute(failures.delete().where(failures.c.sync == sync, failures.c.user_key.in_(chunk)))
+
+
+def failed_identities(engine: Engine, sync: str) -> list[dict[str, Any]]:
+    """Source identities of users whose last attempt failed: re-read every run."""
+    with engine.connect() as c:
+        rows = c.execute(sa.select(failures.c.identity).where(failures.c.sync == sync))
+        return [ident for ident in (json.loads(i) for (i,) in rows) if ident]
+
+
+# -- cursor --------------------------------------------------------------------------
+def encode_watermark(value: Any) -> str:
+    """A cursor value as JSON text that keeps its type (datetimes stay datetimes)."""
+    if isinstance(value, dt.datetime):
+        return dumps({"t": "datetime", "v": value.isoformat()})
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    return dumps({"t": "value", "v": value})
+
+
+def decode_watermark(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    w = json.loads(raw)
+    return dt.datetime.fromisoformat(w["v"]) if w["t"] == "datetime" else w["v"]
+
+
+def get_watermark(engine: Engine, sync: str) -> Any:
+    with engine.connect() as c:
+        return decode_watermark(c.execute(sa.select(cursors.c.watermark).where(cursors.c.sync == sync)).scalar())
+
+
+def set_watermark(conn: sa.Connection, sync: str, value: Any, run_id: int) -> None:
+    conn.execute(cursors.delete().where(cursors.c.sync == sync))
+    conn.execute(cursors.insert().values(sync=sync, watermark=encode_watermark(value), run_id=run_id, updated_at=now()))
+
+
+def show_watermark(value: Any) -> str | None:
+    return None if value is None else str(value)[:100]
+
+
+# -- lock ----------------------------------------------------------------------------
+class Locked(Exception):
+    """Another run of the same sync holds the lock."""
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def acquire_lock(engine: Engine, sync: str, run_id: int, stale_after: float = 600.0) -> int | None:
+    """Take the sync's lock for a run. Returns the run id of a stale holder taken over.
+
+    Raises :class:`Locked` when a live run holds it. A holder whose heartbeat is older
+    than ``stale_after`` seconds is presumed dead (killed process) and replaced.
+    """
+    ts = now()
+    with engine.begin() as c:
+        held = c.execute(sa.select(locks).where(locks.c.sync == sync)).mappings().first()
+        if held is None:
+            try:
+                with c.begin_nested():
+                    c.execute(locks.insert().values(sync=sync, run_id=run_id, owner=owner(),
+                                                    acquired_at=ts, heartbeat_at=ts))
+                return None
+            except sa.exc.IntegrityError:
+                held = c.execute(sa.select(locks).where(locks.c.sync == sync)).mappings().first()
+        if held["run_id"] == run_id:
+            return None
+        beat = _aware(held["heartbeat_at"])
+        if (ts - beat).total_seconds() < stale_after:
+            raise Locked(f"sync '{sync}' is locked by run {held['run_id']} ({held['owner']}), "
+                         f"last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC")
+        res = c.execute(locks.update().where(locks.c.sync == sync, locks.c.run_id == held["run_id"])
+                        .values(run_id=run_id, owner=owner(), acquired_at=ts, heartbeat_at=ts))
+        if res.rowcount != 1:
+            raise Locked(f"sync '{sync}' lock was taken by another run just now")
+        c.execute(runs.update().where(runs.c.run_id == held["run_id"], runs.c.status == "running")
+                  .values(status="abandoned", finished_at=ts, error=f"lock taken over by run {run_id}"))
+        return int(held["run_id"])
+
+
+def heartbeat(engine: Engine, sync: str, run_id: int) -> None:
+    with engine.begin() as c:
+        c.execute(locks.update().where(locks.c.sync == sync, locks.c.run_id == run_id).values(heartbeat_at=now()))
+
+
+def release_lock(engine: Engine, sync: str, run_id: int) -> None:
+    with engine.begin() as c:
+        c.execute(locks.delete().where(locks.c.sync == sync, locks.c.run_id == run_id))
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+
+
+def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,183 @@
+"""The contract every vendor module fulfils.
+
+A vendor module holds the vendor's whole behaviour in one place: its settings (types,
+update rules, limits, error codes), the client half (how a batch of changes becomes
+HTTP requests and how a response becomes a verdict per user) and the emulator half
+(the same rules, enforced by a local HTTP server; see ``connector.emulator``).
+
+The engine only ever talks to a vendor through :class:`Vendor`:
+
+1. ``validate(spec)`` — before anything runs: names, types, rules (``ConfigError``).
+2. ``batches(changes)`` — group planned changes into requests, at most
+   ``max_users`` users each.
+3. ``request(batch)`` — the HTTP request for one batch.
+4. ``verdict(batch, response)`` — read the vendor's answer: delivered, retry, reject
+   (per user), split, or stop the run (auth/config failures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import requests
+
+from connector.coerce import Coercer
+
+
+class Op(str, enum.Enum):
+    """What one attribute change asks the vendor to do."""
+
+    SET = "set"  # overwrite with the new value (idempotent)
+    INCREASE = "increase"  # add a number (send new - last delivered)
+    APPEND = "append"  # add list items (send the new items only)
+    REMOVE = "remove"  # remove list items
+    UNSET = "unset"  # delete the attribute
+
+    @property
+    def idempotent(self) -> bool:
+        return self in (Op.SET, Op.UNSET)
+
+
+# Update rules a sync may name in its mapping, and what each makes of a change.
+# "once" is a SET that is sent only while the attribute was never delivered.
+RULES = {"set", "increase", "append", "list", "once"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One user's planned delta: the ops to send and the snapshot once delivered."""
+
+    key: str
+    identity: Mapping[str, Any]  # vendor identity field -> value
+    ops: tuple[tuple[str, Op, Any], ...]  # (attribute, op, value)
+
+    @property
+    def idempotent(self) -> bool:
+        return all(op.idempotent for _, op, _ in self.ops)
+
+
+@dataclasses.dataclass
+class Request:
+    """An HTTP request for a batch of users (``keys``)."""
+
+    method: str
+    url: str
+    keys: tuple[str, ...]
+    json: Any = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class Kind(str, enum.Enum):
+    DELIVERED = "delivered"
+    REJECTED = "rejected"  # permanent for this payload: recorded, retried next run
+    RETRY = "retry"  # transient: retried now with backoff, then next run
+    SPLIT = "split"  # batch too large: halve and resend
+    STOP = "stop"  # auth / account failure: no further request can succeed
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The vendor's answer to one request.
+
+    ``kind`` is the request's outcome; ``per_user`` overrides it for single users
+    (partial success). ``wait`` is how long the vendor asked us to back off.
+    """
+
+    kind: Kind
+    code: str | None = None
+    message: str = ""
+    wait: float | None = None
+    per_user: dict[str, tuple[Kind, str | None, str]] = dataclasses.field(default_factory=dict)
+    # True when the vendor may have applied the request although we saw no success
+    # (timeout after sending, connection reset mid-response). Non-idempotent ops are
+    # then never retried blindly.
+    ambiguous: bool = False
+
+    def outcome(self, key: str) -> tuple[Kind, str | None, str]:
+        return self.per_user.get(key, (self.kind, self.code, self.message))
+
+
+class Vendor:
+    """Base class for vendor clients. Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    types: ClassVar[Mapping[str, Coercer]]  # registered type name (lower case) -> coercer
+    rules: ClassVar[Mapping[str, str]] = {"set": "set"}  # config rule name -> engine rule
+    null_policies: ClassVar[frozenset[str]] = frozenset({"skip"})
+    max_users: ClassVar[int] = 1  # users per request
+    rate_limit: ClassVar[float] = 10.0  # requests per second (vendor's declared limit)
+    concurrency: ClassVar[int] = 8
+    default_base_url: ClassVar[str]
+    identity_fields: ClassVar[tuple[str, ...]]  # allowed identity fields, first = default
+    credentials: ClassVar[tuple[str, ...]]  # credential names (all secret)
+    settings: ClassVar[tuple[str, ...]] = ()  # non-secret connection settings
+
+    def __init__(self, base_url: str | None, credentials: Mapping[str, str], settings: Mapping[str, Any]):
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self.creds = dict(credentials)
+        self.settings_ = dict(settings)
+
+    # How an Airflow connection's fields fill credentials and settings:
+    # credential or setting name -> "login" | "password" | "host" | "extra.<key>".
+    conn_fields: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def from_connection(cls, conn: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any], str | None]:
+        """(credentials, settings, base_url) from a connection dict (see connector.connections)."""
+        creds, settings = {}, {}
+        for name, source in cls.conn_fields.items():
+            if source.startswith("extra."):
+                value = (conn.get("extra") or {}).get(source[6:])
+            else:
+                value = conn.get(source)
+            if value in (None, ""):
+                continue
+            (creds if name in cls.credentials else settings)[name] = value
+        extra = conn.get("extra") or {}
+        return creds, settings, extra.get("base_url") or None
+
+    # -- before the run -------------------------------------------------------------
+    @classmethod
+    def validate(cls, spec: Any) -> Iterable[tuple[str, str]]:
+        """Vendor-specific checks of a sync spec: yields (field, message)."""
+        return ()
+
+    def prepare(self, session: requests.Session, spec: Any) -> None:
+        """Called once before the first batch (e.g. read registered names)."""
+
+    # -- per batch ------------------------------------------------------------------
+    def batches(self, changes: list[Change]) -> Iterator[list[Change]]:
+        for i in range(0, len(changes), self.max_users):
+            yield changes[i : i + self.max_users]
+
+    def request(self, batch: list[Change]) -> Request:
+        raise NotImplementedError
+
+    def verdict(self, request: Request, response: requests.Response) -> Verdict:
+        raise NotImplementedError
+
+    @classmethod
+    def invalid(cls, change: Change) -> str | None:
+        """Reason a change must not be sent at all (checked while planning)."""
+        return None
+
+
+def transport_verdict(exc: Exception) -> Verdict:
+    """A request that got no readable answer: retry; ambiguous if it may have arrived."""
+    not_sent = isinstance(exc, requests.ConnectTimeout) or (
+        isinstance(exc, requests.ConnectionError) and "NewConnectionError" in repr(exc)
+    )
+    return Verdict(Kind.RETRY, code=type(exc).__name__, message=str(exc)[:300], ambiguous=not not_sent)
+
+
+def json_body(response: requests.Response) -> dict[str, Any] | None:
+    """The response body as a JSON object, or None when it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
