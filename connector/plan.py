@@ -134,8 +134,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
         for k, reason in errors.dropna().items():
             invalid.setdefault(k, reason)
     wire = pd.DataFrame(wire, index=frame.index)
+    rejected = [(k, _source_identity(frame, k, id_cols), "invalid", None, why) for k, why in invalid.items()]
     if invalid:
-        plan.users_invalid += len(invalid)
         bad = wire.index.isin(list(invalid))
         wire, frame = wire[~bad], frame[~bad]
 
@@ -149,7 +149,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
     # second pass: attribute by attribute against the last delivered payload
     cand = wire[moved]
     old = state.snapshot_payloads(sync.state, spec.name, cand.index[known[moved]])
-    staged, settled, rejected = [], [], []
+    staged, settled = [], []
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     for key, row, h, ident_row in zip(cand.index, cand.to_dict("records"), row_hash[moved],
                                       src_ids.itertuples(index=False)):
@@ -181,8 +181,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
                        "row_hash": int(h), "status": "pending"})
         seen[key] = True
     plan.users_settled += len(settled)
-    rejected += [(k, _source_identity(frame, k, id_cols), "invalid", None, why) for k, why in invalid.items()]
-    plan.users_invalid += len(rejected) - len(invalid)
+    plan.users_invalid += len(rejected)
     if not stage:
         return
     with sync.state.begin() as c:

@@ -115,7 +115,9 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, 
     inflight: set[Future] = set()
     beat = time.monotonic()
     while jobs or inflight:
-        while jobs and len(inflight) < concurrency * 2 and not stop.is_set():
+        # the run's first request goes alone: a bad credential costs one request, not a burst
+        limit = concurrency * 2 if result.requests else 1
+        while jobs and len(inflight) < limit and not stop.is_set():
             inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg))
         if not inflight:
             break
@@ -154,6 +156,8 @@ def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: t
         except requests.RequestException as e:
             verdict, status = transport_verdict(e), None
         latency = int((time.monotonic() - t0) * 1000)
+        if verdict.kind is Kind.STOP:
+            stop.set()  # before anyone else sends
         if verdict.wait:
             limiter.pause(verdict.wait)
         retry = (verdict.kind is Kind.RETRY and not verdict.per_user and attempts < cfg.max_attempts

@@ -9,6 +9,10 @@ from connector.vendors.base import Vendor
 # vendor type (as written in syncs.yaml) -> module under connector.vendors
 MODULES = {
     "dfinery": "dfinery",
+    "engagelab": "engagelab",
+    "jiguang": "jiguang",
+    "tencent_im": "tencent_im",
+    "moengage": "moengage",
 }
 
 

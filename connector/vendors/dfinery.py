@@ -86,7 +86,7 @@ class Client(Vendor):
         if code == OK and body.get("status") is True:
             return Verdict(Kind.DELIVERED, code, message)
         if code in STOP:
-            return Verdict(Kind.STOP, code, f"{STOP[code]}: {message}")
+            return Verdict(Kind.STOP, code, message or STOP[code])
         if code in THROTTLED or response.status_code == 429:
             return Verdict(Kind.RETRY, code, message, wait=wait or 1.0)
         if code in TOO_MANY:

@@ -1,0 +1,38 @@
+# usersync — every target makes its own virtualenv in .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench emulators airflow ddl clean help
+
+help:
+	@echo "make demo       build a demo warehouse, sync it to the vendor emulators, twice"
+	@echo "make test       run the whole test suite (SQLite; PostgreSQL/MariaDB when their URLs are set)"
+	@echo "make bench      run the benchmarks, write bench/results.md and bench/results.json"
+	@echo "make emulators  serve the vendor emulators for demo/syncs.yaml in the foreground"
+	@echo "make ddl        regenerate sql/sync_tables.*.sql from the table definitions"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/usersync demo --dir demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+emulators: $(STAMP)
+	$(BIN)/usersync emulators --config demo/syncs.yaml
+
+ddl: $(STAMP)
+	for d in sqlite postgresql mysql; do $(BIN)/usersync ddl $$d > sql/sync_tables.$$d.sql; done
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info .pytest_cache
