@@ -178,6 +178,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
         staged.append({"run_id": plan.run_id, "user_key": key, "shard": zlib.crc32(key.encode()) % spec.shards,
                        "identity": state.dumps(identity), "source_identity": state.dumps(source_identity),
                        "ops": state.dumps([[a, o.value, v] for a, o, v in ops]), "payload": state.dumps(payload),
+                       "before": state.dumps(before or {}),
                        "row_hash": int(h), "status": "pending"})
         seen[key] = True
     plan.users_settled += len(settled)

@@ -54,15 +54,17 @@ class _Sent:
     http_status: int | None = None
     latency_ms: int | None = None
     sent_at: object = None
+    applied: frozenset[str] = frozenset()  # attributes of the parts acknowledged before a failure
+    failing: frozenset[str] | None = None  # attributes of the part that failed (None: all)
 
 
 class _Staged:
     """What the plan holds for a user beyond the change itself."""
 
-    __slots__ = ("source_identity", "payload", "row_hash")
+    __slots__ = ("source_identity", "payload", "before", "row_hash")
 
-    def __init__(self, source_identity, payload, row_hash):
-        self.source_identity, self.payload, self.row_hash = source_identity, payload, row_hash
+    def __init__(self, source_identity, payload, before, row_hash):
+        self.source_identity, self.payload, self.before, self.row_hash = source_identity, payload, before, row_hash
 
 
 def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResult:
@@ -94,7 +96,8 @@ def _pending(sync, run_id: int, shard: int | None):
     p = state.plan
     last = ""
     while True:
-        q = sa.select(p.c.user_key, p.c.identity, p.c.source_identity, p.c.ops, p.c.payload, p.c.row_hash).where(
+        q = sa.select(p.c.user_key, p.c.identity, p.c.source_identity, p.c.ops, p.c.payload, p.c.before,
+                      p.c.row_hash).where(
             p.c.run_id == run_id, p.c.status == "pending", p.c.user_key > last)
         if shard is not None:
             q = q.where(p.c.shard == shard)
@@ -103,9 +106,9 @@ def _pending(sync, run_id: int, shard: int | None):
         if not rows:
             return
         changes, staged = [], {}
-        for key, ident, src, ops, payload, h in rows:
+        for key, ident, src, ops, payload, before, h in rows:
             changes.append(Change(key, json.loads(ident), tuple((a, Op(o), v) for a, o, v in json.loads(ops))))
-            staged[key] = _Staged(json.loads(src), json.loads(payload), h)
+            staged[key] = _Staged(json.loads(src), json.loads(payload), json.loads(before), h)
         yield changes, staged
         last = rows[-1][0]
 
@@ -136,17 +139,36 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, 
 
 
 def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg) -> _Sent:
-    """Send one batch, retrying whole-request transient failures in place."""
-    attempts = job.attempts
-    idempotent = all(c.idempotent for c in job.batch)
+    """Send one batch (its parts in order), retrying whole-request transient failures in place."""
     delay = job.not_before - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+    count = len(_parts(vendor, job.batch))
+    attempts, applied = job.attempts, frozenset()
+    for i in range(count):
+        sent = _send_part(job, i, vendor, transport, limiter, stop, cfg, attempts)
+        attempts = sent.attempts
+        v = sent.verdict
+        if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == count - 1:
+            attrs = _parts(vendor, job.batch)[i].attributes
+            sent.applied, sent.failing = applied, (frozenset(attrs) if attrs is not None else None)
+            return sent
+        applied |= frozenset(_parts(vendor, job.batch)[i].attributes or ())
+    raise AssertionError("a batch must have at least one request")
+
+
+def _parts(vendor, batch: list[Change]) -> list:
+    parts = vendor.request(batch)
+    return parts if isinstance(parts, list) else [parts]
+
+
+def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, attempts: int) -> _Sent:
+    idempotent = all(c.idempotent for c in job.batch)
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
         limiter.acquire()
-        req = vendor.request(job.batch)
+        req = _parts(vendor, job.batch)[index]  # built afresh each attempt: timestamps, nonces, signatures
         sent_at = state.now()
         t0 = time.monotonic()
         attempts += 1
@@ -212,7 +234,7 @@ def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: 
                "rejected" if all(f[1] == "rejected" for f in failed) else "failed")
     _batch_row(conn, sync, run_id, shard, sent, outcome)
     _delivered(conn, sync, run_id, delivered, staged)
-    _failed(conn, sync, run_id, failed, staged)
+    _failed(conn, sync, run_id, failed, staged, sent)
     result.delivered += len(delivered)
     result.rejected += sum(1 for f in failed if f[1] == "rejected")
     result.failed += sum(1 for f in failed if f[1] != "rejected")
@@ -227,17 +249,27 @@ def _delivered(conn, sync, run_id, changes: list[Change], staged) -> None:
     _mark(conn, run_id, keys, "delivered")
 
 
-def _failed(conn, sync, run_id, failed, staged) -> None:
+def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
+    """Record failures; where part of a change was (or may have been) applied, keep exactly that.
+
+    The snapshot of such a user becomes its old payload plus the attributes the vendor
+    acknowledged — and, after an ambiguous failure, the non-idempotent attributes that
+    may have landed (never re-sent: at most once); everything else goes again next run.
+    """
     if not failed:
         return
-    doubt = [(c, staged[c.key]) for c, cls, _, _ in failed if cls == "in_doubt"]
-    if doubt:
-        # never re-send the non-idempotent ops; forget the idempotent ones so they go again
-        rows = []
-        for change, s in doubt:
-            resend = {a for a, op, _ in change.ops if op.idempotent}
-            rows.append((change.key, {a: val for a, val in s.payload.items() if a not in resend}, 0))
-        state.upsert_snapshot(conn, sync.spec.name, run_id, rows)
+    partial = []
+    for change, cls, _, _ in failed:
+        applied = set(sent.applied)
+        if cls == "in_doubt":
+            applied |= {a for a, op, _ in change.ops if not op.idempotent
+                        and (sent.failing is None or a in sent.failing)}
+        if applied:
+            s = staged[change.key]
+            kept = {a: v for a, v in s.before.items() if a not in applied}
+            kept.update({a: s.payload[a] for a in applied if a in s.payload})
+            partial.append((change.key, kept, 0))  # hash 0: the next run diffs this user again
+    state.upsert_snapshot(conn, sync.spec.name, run_id, partial)
     state.record_failures(conn, sync.spec.name, run_id, [
         (c.key, staged[c.key].source_identity, cls, code, msg) for c, cls, code, msg in failed])
     _mark(conn, run_id, [c.key for c, *_ in failed], "failed")

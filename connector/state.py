@@ -95,6 +95,7 @@ plan = sa.Table(
     sa.Column("source_identity", sa.Text, nullable=False),  # source identity columns, JSON
     sa.Column("ops", _JSON, nullable=False),  # [[attribute, op, value], ...]
     sa.Column("payload", _JSON, nullable=False),  # snapshot payload once delivered
+    sa.Column("before", _JSON, nullable=False),  # snapshot payload now (for partial application)
     sa.Column("row_hash", sa.BigInteger, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),  # pending / delivered / failed
     sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"),

@@ -61,7 +61,13 @@ class Change:
 
 @dataclasses.dataclass
 class Request:
-    """An HTTP request for a batch of users (``keys``)."""
+    """An HTTP request for a batch of users (``keys``).
+
+    ``attributes`` names what this request carries when a batch needs several requests
+    (a vendor whose operation type is per call): ``Vendor.request`` then returns a list,
+    idempotent parts first. The push sends the parts in order, stops at the first that
+    fails, and the snapshot keeps exactly the attributes of the parts acknowledged.
+    """
 
     method: str
     url: str
@@ -69,6 +75,7 @@ class Request:
     json: Any = None
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    attributes: tuple[str, ...] | None = None  # None: every attribute of the batch
 
 
 class Kind(str, enum.Enum):
@@ -154,7 +161,7 @@ class Vendor:
         for i in range(0, len(changes), self.max_users):
             yield changes[i : i + self.max_users]
 
-    def request(self, batch: list[Change]) -> Request:
+    def request(self, batch: list[Change]) -> Request | list[Request]:
         raise NotImplementedError
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
