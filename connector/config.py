@@ -195,7 +195,7 @@ def _sync(item: Any, path: Path, label: str) -> SyncSpec:
         spec = SyncSpec.model_validate(item)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         raise ConfigError(path, err["msg"], label, field) from None
     if spec.source.sql and not (path.parent / spec.source.sql).is_file():
         raise ConfigError(path, f"SQL file not found: {path.parent / spec.source.sql}", label, "source.sql")

@@ -3,6 +3,7 @@ are set), a typed users table, syncs.yaml files, and emulators on loopback."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import os
@@ -142,7 +143,7 @@ def dfinery_sync(base_url: str, **over: Any) -> dict[str, Any]:
         "mapping": DFINERY_MAPPING,
     }
     sync.update(over)
-    return sync
+    return copy.deepcopy(sync)
 
 
 @pytest.fixture
