@@ -56,7 +56,7 @@ NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # attribute names: lowercase letters, d
 MAX_CUID = 2**63 - 1  # a Java long
 
 OK = 0
-STOP = {4009: "API authentication failed (check project_id / project_secret)"}
+STOP = {4009: "API authentication failed"}
 REJECT = {  # permanent for this user's payload: recorded, retried next run
     40002: "invalid business parameter",
     40003: "invalid CUID (not in this project)",
@@ -129,7 +129,7 @@ class Client(Vendor):
         if code == OK:
             return Verdict(Kind.DELIVERED, "0", msg)
         if code in STOP:
-            return Verdict(Kind.STOP, str(code), f"{STOP[code]}: {msg}" if msg else STOP[code])
+            return Verdict(Kind.STOP, str(code), f"{msg or STOP[code]} (check project_id and project_secret)")
         if code in THROTTLED or response.status_code == 429:
             return Verdict(Kind.RETRY, str(code), msg or "rate limited", wait=wait or 1.0)
         if code in RETRYABLE:
@@ -138,7 +138,7 @@ class Client(Vendor):
             m = _MISSING_ATTR.search(msg)
             name = m.group(1) if m else "?"
             return Verdict(Kind.REJECTED, str(code),
-                           f"attribute '{name}' does not exist in the Jiguang project (create it in the console): {msg}")
+                           f"attribute '{name}' does not exist in the Jiguang project (create it first): {msg}")
         if code in REJECT:
             return Verdict(Kind.REJECTED, str(code), f"{REJECT[code]}: {msg}" if msg else REJECT[code])
         if response.status_code >= 500:
