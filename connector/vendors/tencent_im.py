@@ -345,7 +345,12 @@ class Client(Vendor):
             key = key_of.get(str(e.get("To_Account")))
             if key is None:
                 continue
-            code = int(e.get("ErrorCode") or 0)
+            try:
+                code = int(e.get("ErrorCode") or 0)
+            except (TypeError, ValueError):
+                code = -1
+            if code == OK:
+                continue
             text = str(e.get("ErrorInfo") or PERMANENT.get(code) or RETRYABLE.get(code) or "account refused")
             kind = Kind.RETRY if code in THROTTLED or code in RETRYABLE else Kind.REJECTED
             per_user[key] = (kind, str(code), text)
