@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="build a demo warehouse in demo/, sync it to the emulators, change users, sync again")
     dm.add_argument("--dir", default="demo", help="where to put the warehouse and syncs.yaml (default demo/)")
-    dm.add_argument("--users", type=int, default=5000)
+    dm.add_argument("--users", type=int, default=2000)
     dm.set_defaults(func=cmd_demo)
 
     dd = sub.add_parser("ddl", help="print the sync tables' DDL for a database dialect")
@@ -155,8 +155,9 @@ def cmd_plan(args) -> int:
     client = sync.vendor_cls(sync.spec.vendor.base_url, {c: "***" for c in sync.vendor_cls.credentials},
                              {**{k: "***" for k in sync.vendor_cls.settings}, **sync.spec.vendor.settings})
     for change in p.samples[: args.samples]:
-        req = client.request([change])
-        print(f"sample {req.method} {req.url.split('?')[0]}:\n  {json.dumps(req.json, ensure_ascii=False)}")
+        parts = client.request([change])
+        for req in parts if isinstance(parts, list) else [parts]:
+            print(f"sample {req.method} {req.url.split('?')[0]}:\n  {json.dumps(req.json, ensure_ascii=False)}")
     if p.guard:
         print(f"blast-radius guard would stop this run: {p.guard}")
     return 0

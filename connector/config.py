@@ -191,6 +191,9 @@ def _sync(item: Any, path: Path, label: str) -> SyncSpec:
             raise ConfigError(path, "secrets must come from the environment, e.g. ${MY_TOKEN}", label,
                               f"vendor.credentials.{key}")
     item = _interpolate(item, path, label, "")
+    for entry in item.get("mapping") or []:  # YAML reads an unquoted `null:` key as None
+        if isinstance(entry, dict) and None in entry:
+            entry["null"] = entry.pop(None)
     try:
         spec = SyncSpec.model_validate(item)
     except ValidationError as e:

@@ -27,7 +27,7 @@ def write_config(directory: Path) -> Path:
     return path
 
 
-def main(directory: Path, users: int = 5000) -> int:
+def main(directory: Path, users: int = 2000) -> int:
     logging.getLogger("usersync").setLevel(logging.WARNING)
     path = write_config(directory)
     url = f"sqlite:///{directory / 'warehouse.db'}"

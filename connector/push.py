@@ -163,7 +163,8 @@ def _parts(vendor, batch: list[Change]) -> list:
 
 
 def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, attempts: int) -> _Sent:
-    idempotent = all(c.idempotent for c in job.batch)
+    carried = _parts(vendor, job.batch)[index].attributes  # None: the whole batch
+    idempotent = all(op.idempotent for c in job.batch for a, op, _ in c.ops if carried is None or a in carried)
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
