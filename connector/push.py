@@ -77,10 +77,13 @@ def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResu
     limiter = RateLimiter(cfg.rate_limit or vendor.rate_limit)
     result = PushResult()
     stop = threading.Event()
+    prepared = False
     try:
-        vendor.prepare(transport.session, sync.spec)
         with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
             for changes, staged in _pending(sync, run_id, shard):
+                if not prepared:  # only when there is something to send: no change, no request
+                    vendor.prepare(transport.session, sync.spec)
+                    prepared = True
                 jobs = deque(_Job(b) for b in vendor.batches(changes))
                 _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, jobs, staged, stop,
                        concurrency, result, progress)
@@ -224,7 +227,7 @@ def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: 
             failed.append((change, "rejected", code, message))
     if v.kind is Kind.SPLIT and len(batch) > 1:
         half = len(batch) // 2
-        jobs.extend([_Job(batch[:half], sent.attempts), _Job(batch[half:], sent.attempts)])
+        jobs.extend([_Job(batch[:half]), _Job(batch[half:])])  # a split is not a failed attempt
         _batch_row(conn, sync, run_id, shard, sent, "split")
         return
     if retry_now:
