@@ -31,6 +31,9 @@ bench: $(STAMP)
 emulators: $(STAMP)
 	$(BIN)/usersync emulators --config demo/syncs.yaml
 
+airflow: $(STAMP)
+	$(BIN)/python -m connector.airflow.standalone --dir demo
+
 ddl: $(STAMP)
 	for d in sqlite postgresql mysql; do $(BIN)/usersync ddl $$d > sql/sync_tables.$$d.sql; done
 

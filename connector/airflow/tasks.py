@@ -1,0 +1,174 @@
+"""The task callables: the engine's steps, one Airflow task each (plan -> push per shard -> finalize).
+
+Only small dicts travel through XCom (run id, shard numbers, counts); the plan itself is
+staged in the state database. Everything heavy is imported inside the functions, so the
+DAG folder parses without pandas, SQLAlchemy engines or the network.
+
+No overlap: ``engine.begin`` (in the plan task) takes the sync's lock in ``sync_locks`` and
+``finalize`` releases it, so a scheduled run, a manual run and a backfill of one sync never
+push at the same time, whatever Airflow counts. The loser's plan task fails with the
+holder's run id and is retried (:func:`lock_retries` times, :func:`lock_retry_delay` apart): it
+waits its turn, and fails for good with the same message when the holder outlasts it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("usersync.airflow")
+
+
+
+def lock_retries() -> int:
+    """How often a run that finds its sync locked tries again (``USERSYNC_LOCK_RETRIES``, default 12)."""
+    return int(os.environ.get("USERSYNC_LOCK_RETRIES", "12"))
+
+
+def lock_retry_delay() -> float:
+    """Seconds between those tries (``USERSYNC_LOCK_RETRY_DELAY``, default 300: an hour in all)."""
+    return float(os.environ.get("USERSYNC_LOCK_RETRY_DELAY", "300"))
+
+
+def pool_slots() -> int:
+    """Pushes at once per vendor credential (``USERSYNC_POOL_SLOTS``, default 4); each gets that share
+    of the vendor's rate limit, so together they stay under it."""
+    return max(int(os.environ.get("USERSYNC_POOL_SLOTS", "4")), 1)
+
+
+class SyncLocked(Exception):
+    """Another run of this sync holds the lock: retried (the run waits its turn)."""
+
+
+def _fail(message: str) -> Exception:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    return AirflowFailException(message)
+
+
+def open_sync(config_path: str, name: str):
+    """The sync, its config re-read and validated in the worker (not at parse time)."""
+    from connector import config, engine
+    from connector.config import ConfigError
+
+    try:
+        cfg, bad = config.load(config_path, strict=False)
+        if name in bad:
+            raise bad[name]
+        return engine.open_sync(cfg, name)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+def parse_when(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    value = dt.datetime.fromisoformat(text.strip().replace(" ", "T"))
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _plain(value: Any) -> dt.datetime | None:
+    """A pendulum DateTime as a plain aware datetime (database drivers know that one)."""
+    if value is None:
+        return None
+    return dt.datetime.fromtimestamp(value.timestamp(), tz=dt.timezone.utc)
+
+
+def window_of(params: dict[str, Any], run_type: str, interval: tuple[Any, Any]) -> tuple | None:
+    """The cursor window: the form's, else a backfill run's data interval, else none."""
+    start, end = parse_when(params.get("window_start")), parse_when(params.get("window_end"))
+    if start and end and start >= end:
+        raise _fail(f"window_start {start.isoformat()} must be before window_end {end.isoformat()}")
+    if start or end:
+        return (start, end)
+    if run_type == "backfill" and interval[0] is not None:
+        start, end = _plain(interval[0]), _plain(interval[1])
+        if start == end:
+            raise _fail("this backfill run has an empty data interval; the DAG's schedule must be a cron "
+                        "data-interval schedule")
+        return (start, end)
+    return None
+
+
+def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_type: str,
+         interval: tuple[Any, Any]) -> dict[str, Any]:
+    """open_sync + source check + client() + begin + plan; returns the shards to push."""
+    import sqlalchemy as sa
+
+    from connector import engine, state
+    from connector.config import ConfigError
+
+    sync = open_sync(config_path, name)
+    dry, full = bool(params.get("dry_run")), params.get("mode") == "full"
+    window = window_of(params, run_type, interval)
+    user_ids = [str(u) for u in params.get("user_ids") or []] or None
+    if window and not sync.spec.cursor:
+        raise _fail(f"sync '{name}' has no cursor column: a date-time window cannot be applied")
+    try:
+        sync.source  # noqa: B018 - columns validated before anything is recorded or sent
+        if not dry:
+            sync.client()  # credentials resolved before anything is recorded or sent
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    mode = "dry_run" if dry else "full" if full else "backfill" if window else "incremental"
+    try:
+        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:40])
+    except state.Locked as e:
+        raise SyncLocked(f"{e}. Another run of '{name}' is syncing; this run waits for it "
+                         f"(retried up to {lock_retries()} times, {lock_retry_delay():g} s apart).") from None
+    try:
+        p = engine.plan(sync, run, mode="full" if full else "incremental", window=window, user_ids=user_ids,
+                        dry_run=dry, allow_large_change=bool(params.get("allow_large_change")))
+    except BaseException as e:
+        engine.finalize(sync, run, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise _fail(f"planning failed: {type(e).__name__}: {e}") from e
+    outcome, error = None, None
+    if dry:
+        outcome = "dry_run"
+    elif p.guard:
+        outcome, error = "blocked", (f"blast-radius guard: {p.guard}; nothing sent (trigger again with "
+                                     f"'Override the blast-radius guard' ticked if this change is intended)")
+    shards: list[int] = []
+    if outcome is None:
+        t = state.plan
+        with sync.state.connect() as c:
+            shards = sorted(c.execute(sa.select(t.c.shard).distinct()
+                                      .where(t.c.run_id == run, t.c.status == "pending")).scalars())
+    log.info("run %s: read %s, changed %s, %s shard(s) to push%s", run, p.users_read, p.users_changed,
+             len(shards), f" - {error}" if error else "")
+    return {"run_id": run, "shards": [{"run_id": run, "shard": s} for s in shards], "outcome": outcome,
+            "error": error, "users_read": p.users_read, "users_changed": p.users_changed,
+            "window": [w.isoformat() if w else None for w in window] if window else None}
+
+
+def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
+    """Push one shard of the staged plan; its rate is a share of the credential's limit."""
+    from connector import engine
+
+    sync = open_sync(config_path, name)
+    v = sync.spec.vendor
+    share = (v.rate_limit or sync.vendor_cls.rate_limit) / pool_slots()
+    sync.spec = sync.spec.model_copy(update={"vendor": v.model_copy(update={"rate_limit": share})})
+    r = engine.push(sync, job["run_id"], shard=job["shard"])
+    out = {"shard": job["shard"], "delivered": r.delivered, "rejected": r.rejected, "failed": r.failed,
+           "requests": r.requests}
+    log.info("run %s shard %s: %s", job["run_id"], job["shard"], out)
+    if r.stopped:
+        raise _fail(f"shard {job['shard']}: the vendor refused the run, nothing more can succeed: {r.stopped}")
+    return out
+
+
+def finalize(config_path: str, name: str, planned: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's summary in sync_runs; fails when the run is not acceptable (so it is never green)."""
+    from connector import engine
+
+    if not planned or planned.get("run_id") is None:
+        raise _fail("the plan task did not finish (see its log): nothing was pushed")
+    sync = open_sync(config_path, name)
+    s = engine.finalize(sync, planned["run_id"], status=planned.get("outcome"), error=planned.get("error"))
+    log.info("%s", s.line())
+    if not s.ok:
+        raise _fail(s.line())
+    return s.as_json()
