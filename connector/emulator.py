@@ -59,6 +59,7 @@ class Emulator:
     routes: dict[tuple[str, str], str] = {}
     rate_limit: float | None = None  # requests per ``rate_window`` seconds
     rate_window: float = 1.0
+    latency: float = 0.0  # seconds added to every answer (a real vendor is not on loopback)
 
     def __init__(self, **settings: Any):
         self.lock = threading.RLock()
@@ -129,6 +130,8 @@ class Emulator:
         with self.lock:
             self.log.append({"method": req.method, "path": req.path, "query": req.query,
                              "headers": req.headers, "body": req.json, "at": time.time()})
+        if self.latency:
+            time.sleep(self.latency)
         fault = self._take_fault(req.raw)
         if fault:
             if fault.kind in ("timeout", "slow"):
