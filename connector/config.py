@@ -216,6 +216,9 @@ def _check_vendor(spec: SyncSpec, cls: type[vendors.Vendor]) -> list[tuple[str, 
                  for c in creds if c not in cls.credentials]
     problems += [(f"vendor.settings.{k}", f"unknown setting (expected: {', '.join(cls.settings) or 'none'})")
                  for k in spec.vendor.settings if k not in cls.settings]
+    if not spec.vendor.conn_id:
+        problems += [(f"vendor.settings.{k}", f"missing (a {cls.name} setting; or set vendor.conn_id)")
+                     for k in cls.required_settings if k not in spec.vendor.settings]
     if isinstance(spec.identity, dict):
         problems += [(f"identity.{f}", f"not an identity field of {cls.name} (expected: {', '.join(cls.identity_fields)})")
                      for f in spec.identity if f not in cls.identity_fields]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -122,6 +123,7 @@ class Vendor:
     identity_fields: ClassVar[tuple[str, ...]]  # allowed identity fields, first = default
     credentials: ClassVar[tuple[str, ...]]  # credential names (all secret)
     settings: ClassVar[tuple[str, ...]] = ()  # non-secret connection settings
+    required_settings: ClassVar[tuple[str, ...]] = ()  # must be set in the YAML, unless a conn_id gives them
 
     def __init__(self, base_url: str | None, credentials: Mapping[str, str], settings: Mapping[str, Any]):
         self.base_url = (base_url or self.default_base_url).rstrip("/")
@@ -179,6 +181,24 @@ def transport_verdict(exc: Exception) -> Verdict:
         isinstance(exc, requests.ConnectionError) and "NewConnectionError" in repr(exc)
     )
     return Verdict(Kind.RETRY, code=type(exc).__name__, message=str(exc)[:300], ambiguous=not not_sent)
+
+
+def wait_seconds(response: requests.Response, *headers: str, cap: float | None = None) -> float | None:
+    """How long the vendor asked us to wait: the first of ``headers`` present (default
+    ``Retry-After``), as seconds from now — an epoch timestamp is turned into one."""
+    for name in headers or ("Retry-After",):
+        value = response.headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+        if seconds > 1e9:  # an epoch time, not a duration
+            seconds -= time.time()
+        seconds = max(0.0, seconds)
+        return min(seconds, cap) if cap is not None else seconds
+    return None
 
 
 def json_body(response: requests.Response) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body
+from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 BASE_URL = "https://openapi.dfinery.ai"
@@ -55,12 +55,8 @@ class Client(Vendor):
     identity_fields = IDENTITY_FIELDS
     credentials = ("access_token",)
     settings = ("service_id",)
+    required_settings = ("service_id",)
     conn_fields = {"service_id": "login", "access_token": "password"}
-
-    @classmethod
-    def validate(cls, spec):
-        if "service_id" not in spec.vendor.settings and not spec.vendor.conn_id:
-            yield "vendor.settings.service_id", "missing (the DFINERY service id)"
 
     def request(self, batch: list[Change]) -> Request:
         (change,) = batch
@@ -76,7 +72,7 @@ class Client(Vendor):
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
-        wait = _reset_seconds(response)
+        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After")
         if body is None:
             if response.status_code == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -94,14 +90,6 @@ class Client(Vendor):
         if code in PERMANENT or 400 <= response.status_code < 500:
             return Verdict(Kind.REJECTED, code or str(response.status_code), message)
         return Verdict(Kind.RETRY, code or str(response.status_code), message)
-
-
-def _reset_seconds(response: requests.Response) -> float | None:
-    value = response.headers.get("X-Rate-Limit-Reset") or response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 # -- emulator: the same rules, enforced ---------------------------------------------------

@@ -18,7 +18,7 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body
+from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 REGIONS = {"singapore": "https://ma-api.engagelab.com", "virginia": "https://ma-api-usva.engagelab.com"}
@@ -102,7 +102,7 @@ class Client(Vendor):
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
         status = response.status_code
-        wait = _retry_after(response)
+        wait = wait_seconds(response)
         if body is None or not isinstance(body.get("code"), (int, str)):
             if status == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -146,14 +146,6 @@ def _wire(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    try:
-        value = response.headers.get("Retry-After")
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 # -- emulator: the same rules, enforced ---------------------------------------------------

@@ -30,7 +30,7 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body
+from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 BASE_URL = "https://growth.jiguang.cn"
@@ -81,12 +81,11 @@ class Client(Vendor):
     identity_fields = ("cuid",)
     credentials = ("project_secret",)
     settings = ("project_id",)
+    required_settings = ("project_id",)
     conn_fields = {"project_id": "login", "project_secret": "password"}
 
     @classmethod
     def validate(cls, spec):
-        if "project_id" not in spec.vendor.settings and not spec.vendor.conn_id:
-            yield "vendor.settings.project_id", "missing (the Jiguang Operation Growth project id)"
         for i, a in enumerate(spec.mapping):
             if not NAME.match(a.attribute):
                 yield (f"mapping[{i}].attribute",
@@ -116,7 +115,7 @@ class Client(Vendor):
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
-        wait = _reset_seconds(response)
+        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After")
         if body is None or not isinstance(body.get("code"), int):
             if response.status_code == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -157,14 +156,6 @@ def _cuid(value: Any) -> int | None:
     if isinstance(value, int) and 0 < value <= MAX_CUID:
         return value
     return None
-
-
-def _reset_seconds(response: requests.Response) -> float | None:
-    value = response.headers.get("X-Rate-Limit-Reset") or response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 # -- emulator: the same rules, enforced ---------------------------------------------------

@@ -29,7 +29,7 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body
+from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 DATA_CENTERS = {dc: f"https://api-0{dc}.moengage.com" for dc in range(1, 7)}
@@ -108,6 +108,7 @@ class Client(Vendor):
     identity_fields = IDENTITY_FIELDS
     credentials = ("api_key",)
     settings = ("workspace_id", "data_center", "api", "update_existing_only")
+    required_settings = ("workspace_id",)
     conn_fields = {"workspace_id": "login", "api_key": "password", "data_center": "extra.data_center",
                    "api": "extra.api"}
 
@@ -128,8 +129,6 @@ class Client(Vendor):
     @classmethod
     def validate(cls, spec):
         s = spec.vendor.settings
-        if "workspace_id" not in s and not spec.vendor.conn_id:
-            yield "vendor.settings.workspace_id", "missing (the MoEngage workspace id)"
         if "data_center" in s and str(s["data_center"]) not in {str(dc) for dc in DATA_CENTERS}:
             yield "vendor.settings.data_center", f"{s['data_center']!r} is not a MoEngage data center (1-6)"
         if s.get("api", "track") not in APIS:
@@ -200,24 +199,12 @@ class Client(Vendor):
         if status == 413:
             return Verdict(Kind.SPLIT, code, message or "request body too large")
         if status == 429:
-            return Verdict(Kind.RETRY, code, message or "rate limited", wait=_reset_seconds(response) or 1.0)
+            return Verdict(Kind.RETRY, code, message or "rate limited", wait=wait_seconds(response, "x-ratelimit-reset", "Retry-After", cap=RATE_WINDOW) or 1.0)
         if body is None or status >= 500:
             # 5xx or an answer we cannot read: it may have been applied (every op here is a set)
             return Verdict(Kind.RETRY, code, message or f"unreadable answer: {response.text[:200]!r}",
                            ambiguous=True)
         return Verdict(Kind.REJECTED, code, message or f"status {body.get('status')!r}")  # 400, 409, a 200 "fail"
-
-
-def _reset_seconds(response: requests.Response) -> float | None:
-    """``x-ratelimit-reset`` as seconds from now (an epoch value is turned into one)."""
-    value = response.headers.get("x-ratelimit-reset") or response.headers.get("Retry-After")
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    if seconds is not None and seconds > 1e9:
-        seconds -= time.time()
-    return None if seconds is None else min(max(0.0, seconds), RATE_WINDOW)
 
 
 # -- emulator: the same rules, enforced ---------------------------------------------------

@@ -184,6 +184,7 @@ class Client(Vendor):
     identity_fields = ("To_Account",)
     credentials = ("secret_key",)
     settings = ("sdkappid", "identifier", "region")
+    required_settings = ("sdkappid", "identifier")
     conn_fields = {"identifier": "login", "secret_key": "password", "sdkappid": "extra.sdkappid",
                    "region": "extra.region"}
 
@@ -198,9 +199,6 @@ class Client(Vendor):
     @classmethod
     def validate(cls, spec):
         s = spec.vendor.settings
-        for key in ("sdkappid", "identifier"):
-            if key not in s and not spec.vendor.conn_id:
-                yield f"vendor.settings.{key}", "missing (the app's SDKAppID and its admin account)"
         if "sdkappid" in s and not str(s["sdkappid"]).isdigit():
             yield "vendor.settings.sdkappid", f"{s['sdkappid']!r} is not an SDKAppID (a number)"
         region = s.get("region")
