@@ -22,8 +22,9 @@ def trigger_params() -> dict[str, Any]:
         "mode": Param(
             "incremental", type="string", enum=["incremental", "full"], title="Mode",
             description="incremental: read only rows whose cursor moved since the last successful run "
-                        "(plus users that failed before). full: read every row and send whatever differs from "
-                        "what the vendor last acknowledged (a full resync; unchanged users still cost nothing).",
+                        "(plus users that failed before) and send what changed. full: read every row and re-send "
+                        "every mapped attribute (a resync, e.g. after the vendor lost data); on a large sync this "
+                        "trips the blast-radius guard, so tick its override too.",
             values_display={"incremental": "Incremental (changes since last run)", "full": "Full resync"},
         ),
         "window_start": Param(

@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     home = demo / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{args.port}"
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "USERSYNC_CONFIG": str(cfg),
            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(args.port), "AIRFLOW__API__BASE_URL": url,
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin"}
@@ -53,14 +55,39 @@ def main(argv: list[str] | None = None) -> int:
     emulators = subprocess.Popen([str(BIN / "usersync"), "emulators", "--config", str(cfg)], env=env)
     print(f"\n  usersync on Airflow: {url}   login: admin / {login}\n"
           f"  DAGs: usersync__<sync> from {cfg}; emulators for the demo vendors are running.\n", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    standalone = subprocess.Popen([airflow, "standalone"], env=env, start_new_session=True)
     try:
-        return subprocess.run([airflow, "standalone"], env=env).returncode
+        return standalone.wait()
     except KeyboardInterrupt:
         return 0
-    finally:
-        emulators.terminate()
-        emulators.wait(timeout=10)
+    finally:  # standalone's own children (scheduler, api-server, ...) share its process group
+        _stop(standalone, group=True)
+        _stop(emulators)
         print(f"\n  stopped. Airflow home: {home}; login: admin / {login}")
+
+def _stop(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM (to the whole group of a process we started in its own session), SIGKILL after 30 s."""
+    def send(sig):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+    if group:  # children may outlive the leader by a moment
+        for _ in range(30):
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(1)
+        send(signal.SIGKILL)
 
 
 if __name__ == "__main__":
