@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import time
 import zlib
 from collections import Counter
 from typing import Any
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 
 from connector import extract, state
 from connector.coerce import decode
+from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
 
 log = logging.getLogger("usersync.plan")
@@ -70,7 +70,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     plan.snapshot_size = len(hashes)
     seen: dict[str, bool] = {}  # key -> staged?
     duplicates: set[str] = set()
-    beat = time.monotonic()
+    beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
 
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
@@ -82,9 +82,9 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
             top = _plain(frame[spec.cursor].dropna().max())
             plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
         _plan_chunk(sync, plan, frame, hashes, seen, duplicates, mode=mode, stage=stage)
-        if stage and time.monotonic() - beat > 30:  # long plans keep the lock alive
-            state.heartbeat(sync.state, spec.name, run_id)
-            beat = time.monotonic()
+        crashpoint("extract_chunk")
+        if stage:  # long plans keep the lock alive
+            beat()
         if progress:
             progress.update(rows=len(frame), planned=plan.users_changed)
     if duplicates and stage:
@@ -154,7 +154,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
     for key, row, h, ident_row in zip(cand.index, cand.to_dict("records"), row_hash[moved],
                                       src_ids.itertuples(index=False)):
         before = old.get(key)
-        ops, payload = _ops(sync, row, before, full=mode == "full", plan=plan)
+        ops, payload = _ops(sync, row, before, full=mode == "full")
         if before is not None:
             for attr in spec.mapping:
                 if _isna(row[attr.attribute]) and before.get(attr.attribute) is not None:
@@ -170,7 +170,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
             rejected.append((key, source_identity, "invalid", None, reason))
             continue
         plan.users_changed += 1
-        plan.existing_changed += before is not None
+        # the guard weighs real changes: a full resync re-sends unchanged values, which is no risk
+        plan.existing_changed += before is not None and payload != before
         for attr, _, _ in ops:
             plan.per_attribute[attr] += 1
         if len(plan.samples) < 5:
@@ -193,7 +194,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
         state.record_failures(c, spec.name, plan.run_id, rejected)
 
 
-def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool, plan: Plan):
+def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
     """The ops that bring the vendor from ``before`` (last delivered) to ``row``."""
     payload = dict(before or {})
     ops: list[tuple[str, Op, Any]] = []

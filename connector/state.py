@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,7 +30,7 @@ runs = sa.Table(
     sa.Column("sync", _SYNC, nullable=False, index=True),
     sa.Column("vendor", sa.String(40), nullable=False),
     sa.Column("mode", sa.String(20), nullable=False),  # incremental / full / backfill / dry_run
-    sa.Column("trigger", sa.String(40), nullable=False),  # cli / airflow:<run id>
+    sa.Column("trigger", sa.String(250), nullable=False),  # cli / airflow:<dag run id>
     sa.Column("status", sa.String(20), nullable=False),  # running / success / partial / failed / blocked / dry_run / abandoned
     sa.Column("started_at", _TS, nullable=False),
     sa.Column("finished_at", _TS),
@@ -97,7 +98,7 @@ plan = sa.Table(
     sa.Column("payload", _JSON, nullable=False),  # snapshot payload once delivered
     sa.Column("before", _JSON, nullable=False),  # snapshot payload now (for partial application)
     sa.Column("row_hash", sa.BigInteger, nullable=False),
-    sa.Column("status", sa.String(20), nullable=False),  # pending / delivered / failed
+    sa.Column("status", sa.String(20), nullable=False),  # pending / sending (in flight) / delivered / failed
     sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"),
 )
 
@@ -321,8 +322,24 @@ def acquire_lock(engine: Engine, sync: str, run_id: int, stale_after: float = 60
 
 
 def heartbeat(engine: Engine, sync: str, run_id: int) -> None:
+    """Keep the run's lock alive; raise :class:`Locked` if another run took it over meanwhile."""
     with engine.begin() as c:
-        c.execute(locks.update().where(locks.c.sync == sync, locks.c.run_id == run_id).values(heartbeat_at=now()))
+        res = c.execute(locks.update().where(locks.c.sync == sync, locks.c.run_id == run_id).values(heartbeat_at=now()))
+    if res.rowcount != 1:
+        raise Locked(f"sync '{sync}': run {run_id} lost its lock (no heartbeat for too long; taken over)")
+
+
+class Heartbeat:
+    """Calls :func:`heartbeat` at most every third of the lock timeout, so a live run is never taken for dead."""
+
+    def __init__(self, engine: Engine, sync: str, run_id: int, lock_timeout: float):
+        self.args, self.every = (engine, sync, run_id), min(30.0, lock_timeout / 3)
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last > self.every:
+            heartbeat(*self.args)
+            self.last = time.monotonic()
 
 
 def release_lock(engine: Engine, sync: str, run_id: int) -> None:

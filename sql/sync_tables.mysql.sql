@@ -70,7 +70,7 @@ CREATE TABLE sync_runs (
 	sync VARCHAR(100) NOT NULL, 
 	vendor VARCHAR(40) NOT NULL, 
 	mode VARCHAR(20) NOT NULL, 
-	`trigger` VARCHAR(40) NOT NULL, 
+	`trigger` VARCHAR(250) NOT NULL, 
 	status VARCHAR(20) NOT NULL, 
 	started_at DATETIME NOT NULL, 
 	finished_at DATETIME, 

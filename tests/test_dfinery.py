@@ -162,3 +162,18 @@ def test_bad_value_sets_the_user_aside_and_the_run_goes_on(sqlite_url, dfinery, 
     f = table(sqlite_url, state.failures)[0]
     assert f["user_key"] == "u00002" and f["error_class"] == "invalid" and "interests" in f["message"]
     assert "u00002" not in dfinery.emulator.state()
+
+
+def test_full_refresh_resends_every_set_attribute_without_tripping_the_guard(sqlite_url, dfinery, tmp_path):
+    make_users(sqlite_url, [user_row(i) for i in range(20)])
+    guard = {"max_changed_fraction": 0.5, "min_users": 10}
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url, guard=guard)])
+    run(cfg, "dfinery_users")
+    held = dfinery.emulator.state()
+    full = run(cfg, "dfinery_users", full_refresh=True)
+    assert full.status == "success" and full.requests == 20  # unchanged values re-sent: no blast radius
+    assert dfinery.emulator.state() == held
+    update_users(sqlite_url, {f"u{i:05d}": {"plan": "gold", "updated_at": T0 + dt.timedelta(hours=1)} for i in range(15)})
+    blocked = run(cfg, "dfinery_users")
+    assert blocked.status == "blocked" and blocked.requests == 0 and "15 of 20" in blocked.error
+    assert run(cfg, "dfinery_users", allow_large_change=True).users_delivered == 15

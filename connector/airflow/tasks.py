@@ -114,7 +114,7 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
         raise _fail(str(e)) from None
     mode = "dry_run" if dry else "full" if full else "backfill" if window else "incremental"
     try:
-        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:40])
+        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:250])
     except state.Locked as e:
         raise SyncLocked(f"{e}. Another run of '{name}' is syncing; this run waits for it "
                          f"(retried up to {lock_retries()} times, {lock_retry_delay():g} s apart).") from None
