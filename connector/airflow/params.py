@@ -23,8 +23,8 @@ def trigger_params() -> dict[str, Any]:
             "incremental", type="string", enum=["incremental", "full"], title="Mode",
             description="incremental: read only rows whose cursor moved since the last successful run "
                         "(plus users that failed before) and send what changed. full: read every row and re-send "
-                        "every mapped attribute (a resync, e.g. after the vendor lost data); on a large sync this "
-                        "trips the blast-radius guard, so tick its override too.",
+                        "every set attribute (a resync, e.g. after the vendor lost data). Increments still send "
+                        "only the difference from what was delivered, so nothing is counted twice.",
             values_display={"incremental": "Incremental (changes since last run)", "full": "Full resync"},
         ),
         "window_start": Param(
