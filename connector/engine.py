@@ -13,8 +13,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector import __version__, config, connections, extract, plan as planning, push as pushing, state, vendors
+from connector import __version__, connections, extract, plan as planning, push as pushing, state, vendors
 from connector.config import Config, ConfigError, SyncSpec
+from connector.faults import crashpoint
 
 log = logging.getLogger("usersync")
 
@@ -117,13 +118,24 @@ def begin(sync: Sync, *, mode: str, trigger: str) -> int:
     """Record a new run and take the sync's lock (``state.Locked`` if another run holds it)."""
     run_id = state.start_run(sync.state, sync.spec.name, sync.spec.vendor.type, mode, trigger)
     try:
-        taken = state.acquire_lock(sync.state, sync.spec.name, run_id)
+        taken = state.acquire_lock(sync.state, sync.spec.name, run_id, stale_after=sync.spec.lock_timeout)
     except state.Locked as e:
         state.update_run(sync.state, run_id, status="skipped", finished_at=state.now(), error=str(e))
         raise
     if taken:
         log.warning("took over the lock of run %s (no heartbeat); its unacknowledged users are re-planned", taken)
+    _clear_dead_runs(sync, run_id)
     return run_id
+
+
+def _clear_dead_runs(sync: Sync, run_id: int) -> None:
+    """With the lock held, any other run's plan rows are a dead run's: settle what it had in
+    flight (at most once), then drop them — the new plan starts from the snapshot."""
+    r = state.runs
+    others = state.plan.c.run_id.in_(sa.select(r.c.run_id).where(r.c.sync == sync.spec.name, r.c.run_id != run_id))
+    with sync.state.begin() as c:
+        pushing.settle_in_doubt(sync, c, others)
+        c.execute(state.plan.delete().where(others))
 
 
 def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, user_ids=None,
@@ -144,6 +156,9 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
 
 
 def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pushing.PushResult:
+    with sync.state.begin() as c:  # a retried push task: what its dead attempt had in flight
+        pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id,
+                                *([state.plan.c.shard == shard] if shard is not None else []))
     result = pushing.push(sync, run_id, shard, progress)
     with sync.state.begin() as c:
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
@@ -155,6 +170,8 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pu
 
 def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:
     """Count outcomes from the sync tables, decide the status, advance the cursor, unlock."""
+    with sync.state.begin() as c:  # interrupted mid-push: what was in flight may have been applied
+        pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id)
     run = state.get_run(sync.state, run_id)
     counts = planning.staged_counts(sync, run_id)
     f = state.failures
@@ -206,7 +223,9 @@ def run(cfg: Config, name: str, *, full_refresh: bool = False, dry_run: bool = F
         if p.guard:
             return finalize(sync, run_id, status="blocked",
                             error=f"blast-radius guard: {p.guard}; nothing sent (override with --allow-large-change)")
+        crashpoint("plan_staged")
         push(sync, run_id, progress=progress)
+        crashpoint("before_finalize")
         return finalize(sync, run_id)
     except BaseException as e:
         try:
@@ -214,8 +233,3 @@ def run(cfg: Config, name: str, *, full_refresh: bool = False, dry_run: bool = F
         except Exception:  # the state database itself may be what failed
             log.exception("could not record the failure of run %s", run_id)
         raise
-
-
-def resolve_config(path) -> Config:
-    cfg, _ = config.load(path)
-    return cfg

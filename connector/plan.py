@@ -11,7 +11,6 @@ is staged in ``sync_plan`` so pushes (one process or many Airflow workers) read 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 import zlib
@@ -317,7 +316,3 @@ def staged_counts(sync, run_id: int) -> dict[str, int]:
         rows = c.execute(sa.select(state.plan.c.status, sa.func.count()).where(state.plan.c.run_id == run_id)
                          .group_by(state.plan.c.status))
         return {s: n for s, n in rows}
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from airflow_helpers import BIN, DAGS, airflow_env, clone_home, make_home, run_existing, sync_dags_to_db
-from conftest import DFINERY_MAPPING, T0, USERS, dfinery_sync, make_users, table, update_users, user_row, write_config
+from conftest import DFINERY_MAPPING, T0, dfinery_sync, make_users, table, update_users, user_row, write_config
 from connector import emulator, engine, config, state
 
 N = 24

@@ -13,7 +13,6 @@ import zlib
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from connector import emulator, state
 from connector.config import ConfigError
