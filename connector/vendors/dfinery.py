@@ -129,7 +129,8 @@ class Emulator(_EmulatorBase):
         return status, {"status": False, "code": str(code), "message": "injected error", "data": False}, {}
 
     def throttled(self, retry_after):
-        return 429, {"status": False, "code": "40401", "message": "usage limit exceeded", "data": False}, {}
+        return (429, {"status": False, "code": "40401", "message": "usage limit exceeded", "data": False},
+                self.rate_headers(0, retry_after))  # DFINERY sends its rate headers on every answer
 
     def rate_headers(self, remaining, reset):
         return {"X-Rate-Limit-Limit": str(int(self.rate_limit or 0)), "X-Rate-Limit-Remaining": str(remaining),
