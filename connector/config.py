@@ -92,6 +92,8 @@ class SyncSpec(_Model):
     chunk_size: int = Field(50_000, ge=1)
     shards: int = Field(4, ge=1, le=256)
     guard: Guard = Guard()
+    # seconds without a heartbeat after which a run's lock is presumed dead and taken over
+    lock_timeout: float = Field(600.0, gt=0)
 
     @field_validator("name")
     @classmethod

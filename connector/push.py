@@ -6,11 +6,17 @@ it. Retries follow the vendor's verdict: transient errors are retried with expon
 backoff (or the vendor's own wait); a request carrying increase/append ops is never
 retried after an ambiguous failure (it may have been applied): its idempotent
 attributes are re-sent next run, its non-idempotent ones are not.
+
+A process can also die between "the vendor applied it" and "we recorded that". So a
+request carrying non-idempotent ops is first marked ``sending`` in ``sync_plan`` (a
+write-ahead intent, in the transaction that records the previous answers): rows a dead
+run left ``sending`` are settled by the same at-most-once rule (:func:`settle_in_doubt`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -23,6 +29,7 @@ import requests
 import sqlalchemy as sa
 
 from connector import state
+from connector.faults import crashpoint
 from connector.transport import RateLimiter, Transport
 from connector.vendors.base import Change, Kind, Op, Verdict, transport_verdict
 
@@ -94,51 +101,84 @@ def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResu
     return result
 
 
+_p = state.plan
+_COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.source_identity, _p.c.ops, _p.c.payload, _p.c.before, _p.c.row_hash)
+
+
 def _pending(sync, run_id: int, shard: int | None):
     """Pending plan rows, a chunk at a time, as Changes (ordered by key for resumability)."""
-    p = state.plan
     last = ""
     while True:
-        q = sa.select(p.c.user_key, p.c.identity, p.c.source_identity, p.c.ops, p.c.payload, p.c.before,
-                      p.c.row_hash).where(
-            p.c.run_id == run_id, p.c.status == "pending", p.c.user_key > last)
+        q = sa.select(*_COLUMNS).where(_p.c.run_id == run_id, _p.c.status == "pending", _p.c.user_key > last)
         if shard is not None:
-            q = q.where(p.c.shard == shard)
+            q = q.where(_p.c.shard == shard)
         with sync.state.connect() as c:
-            rows = c.execute(q.order_by(p.c.user_key).limit(READ_CHUNK)).all()
+            rows = c.execute(q.order_by(_p.c.user_key).limit(READ_CHUNK)).all()
         if not rows:
             return
-        changes, staged = [], {}
-        for key, ident, src, ops, payload, before, h in rows:
-            changes.append(Change(key, json.loads(ident), tuple((a, Op(o), v) for a, o, v in json.loads(ops))))
-            staged[key] = _Staged(json.loads(src), json.loads(payload), json.loads(before), h)
-        yield changes, staged
+        yield _load(rows)
         last = rows[-1][0]
+
+
+def _load(rows) -> tuple[list[Change], dict[str, _Staged]]:
+    changes, staged = [], {}
+    for key, ident, src, ops, payload, before, h in rows:
+        changes.append(Change(key, json.loads(ident), tuple((a, Op(o), v) for a, o, v in json.loads(ops))))
+        staged[key] = _Staged(json.loads(src), json.loads(payload), json.loads(before), h)
+    return changes, staged
+
+
+IN_DOUBT = "the run stopped while this request was in flight; it may have been applied, so it is not re-sent"
+
+
+def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
+    """Settle plan rows left ``sending`` by a run that stopped mid-request (killed, interrupted).
+
+    The vendor may have applied them, so the ambiguous-failure rule holds: their
+    non-idempotent attributes count as applied (never sent twice), their idempotent ones
+    go again next run; the users are recorded as ``in_doubt``, with one ``in_doubt`` batch
+    row per run. ``where`` narrows the rows (a run, a shard, the sync's other runs).
+    """
+    rows = conn.execute(sa.select(_p.c.run_id, *_COLUMNS).where(_p.c.status == "sending", *where)
+                        .order_by(_p.c.run_id, _p.c.user_key)).all()
+    for run_id, group in itertools.groupby(rows, key=lambda r: r[0]):
+        changes, staged = _load([r[1:] for r in group])
+        keys = [c.key for c in changes]
+        who = ", ".join(keys[:50]) + (f" and {len(keys) - 50} more" if len(keys) > 50 else "")
+        sent = _Sent(_Job(changes), Verdict(Kind.RETRY, "in_doubt", f"{IN_DOUBT}: {who}", ambiguous=True), 0)
+        _batch_row(conn, sync, run_id, 0, sent, "in_doubt")
+        _failed(conn, sync, run_id, [(c, "in_doubt", None, IN_DOUBT) for c in changes], staged, sent)
+        log.warning("run %s: %d user(s) were in flight when it stopped; their increments/appends count as "
+                    "applied (at most once), the rest is re-sent", run_id, len(changes))
+    return len(rows)
 
 
 def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, stop, concurrency, result, progress):
     cfg = sync.spec.vendor
     inflight: set[Future] = set()
-    beat = time.monotonic()
-    while jobs or inflight:
-        # the run's first request goes alone: a bad credential costs one request, not a burst
-        limit = concurrency * 2 if result.requests else 1
-        while jobs and len(inflight) < limit and not stop.is_set():
-            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg))
-        if not inflight:
-            break
-        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+    done: set[Future] = set()
+    beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
+    while True:
+        # one transaction: the answers just in, and the intent of the requests about to go
         with sync.state.begin() as conn:
             for fut in done:
                 sent = fut.result()
                 result.requests += sent.attempts - sent.job.attempts
                 _record(sync, conn, run_id, shard, sent, staged, jobs, stop, result, cfg.max_attempts)
+            # the run's first request goes alone: a bad credential costs one request, not a burst
+            limit = concurrency * 2 if result.requests else 1
+            new = [jobs.popleft() for _ in range(min(len(jobs), limit - len(inflight)))] if not stop.is_set() else []
+            _mark(conn, run_id, [c.key for job in new for c in job.batch if not c.idempotent], "sending")
+        crashpoint("after_commit")
+        inflight.update(pool.submit(_send, job, vendor, transport, limiter, stop, cfg) for job in new)
+        if not inflight:
+            break
+        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+        crashpoint("vendor_answered")
         if progress:
             progress.update(requests=result.requests, delivered=result.delivered,
                             failed=result.failed + result.rejected)
-        if time.monotonic() - beat > 30:
-            state.heartbeat(sync.state, sync.spec.name, run_id)
-            beat = time.monotonic()
+        beat()
 
 
 def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg) -> _Sent:
@@ -176,6 +216,7 @@ def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, att
         sent_at = state.now()
         t0 = time.monotonic()
         attempts += 1
+        crashpoint("before_send")
         try:
             resp = transport.send(req)
             verdict, status = vendor.verdict(req, resp), resp.status_code
@@ -201,9 +242,11 @@ def _backoff(base: float, attempt: int) -> float:
 def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: PushResult, max_attempts) -> None:
     """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
     v = sent.verdict
-    if v is None:
-        return
     batch = sent.job.batch
+    if v is None or v.kind is Kind.STOP or (v.kind is Kind.SPLIT and len(batch) > 1):
+        _mark(conn, run_id, [c.key for c in batch], "pending")  # not applied: no longer in flight
+    if v is None:  # never sent (the run was stopped)
+        return
     if v.kind is Kind.STOP:
         stop.set()
         result.stopped = f"{v.code}: {v.message}" if v.code else v.message
@@ -232,6 +275,7 @@ def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: 
         return
     if retry_now:
         jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
+        _mark(conn, run_id, [c.key for c in retry_now], "pending")
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
                "retry" if retry_now and not failed else
