@@ -58,6 +58,8 @@ class Coercer:
 
     # -- one method per kind: (values, bad mask) ---------------------------------------
     def _string(self, s):
+        if _is_text(s):  # already text: nothing to convert, nothing nested
+            return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
         nested = s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
         present = s.notna() & ~nested
         if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it
@@ -101,7 +103,7 @@ class Coercer:
         if pd.api.types.is_bool_dtype(s):
             out = s.astype("boolean")
         else:
-            out = s.map(_to_bool).astype("boolean")
+            out = _each_distinct(s, _to_bool, _is_text(s) or _kind(s) == "boolean").astype("boolean")
         bad = present & out.isna()
         return (out.astype("Int64") if self.bool_as_int else out), bad
 
@@ -118,7 +120,7 @@ class Coercer:
         return _format(parsed, self.fmt or "%Y-%m-%d"), bad
 
     def _list(self, s):
-        out = s.astype(object).map(self._one_list)
+        out = _each_distinct(s.astype(object), self._one_list, _is_text(s))
         bad = out.map(lambda v: isinstance(v, _Bad))
         return out.where(~bad), bad
 
@@ -208,6 +210,14 @@ def _to_datetime(s: pd.Series) -> pd.Series:
         return s.dt.tz_convert("UTC")
     if pd.api.types.is_datetime64_dtype(s):
         return s.dt.tz_localize("UTC")
+    if _kind(s) in ("string", "date", "datetime"):  # parse each distinct value once
+        codes, uniques = pd.factorize(s)
+        parsed = _parse_datetime(pd.Series(uniques.astype(object)))
+        return pd.Series(parsed.array.take(codes, allow_fill=True), index=s.index)
+    return _parse_datetime(s)
+
+
+def _parse_datetime(s: pd.Series) -> pd.Series:
     obj = s.astype(object)
     ok = obj.map(lambda v: isinstance(v, (str, pd.Timestamp)) or hasattr(v, "isoformat"))
     with np.errstate(all="ignore"):
@@ -224,7 +234,19 @@ def _one_datetime(v: Any) -> Any:
         return pd.NaT
 
 
+# strftime patterns that are numpy's ISO 8601 text at some unit, plus a suffix
+_ISO = {"%Y-%m-%d": ("D", ""), "%Y-%m-%dT%H:%M:%SZ": ("s", "Z"), "%Y-%m-%dT%H:%M:%S.%3fZ": ("ms", "Z"),
+        "%Y-%m-%dT%H:%M:%S": ("s", ""), "%Y-%m-%d %H:%M:%S": ("s", "")}
+
+
 def _format(ts: pd.Series, fmt: str) -> pd.Series:
+    present = ts.notna()
+    if fmt in _ISO and present.any() and ts[present].dt.year.min() >= 1000:  # C speed, same text
+        unit, suffix = _ISO[fmt]
+        text = np.datetime_as_string(ts.dt.tz_localize(None).to_numpy().astype(f"datetime64[{unit}]"))
+        if " " in fmt:
+            text = np.strings.replace(text, "T", " ")
+        return pd.Series(np.strings.add(text, suffix), index=ts.index, dtype=object).where(present)
     if "%3f" in fmt:
         head, tail = fmt.split("%3f", 1)
         ms = (ts.dt.microsecond // 1000).astype("Int64").astype(str).str.zfill(3)
@@ -232,6 +254,29 @@ def _format(ts: pd.Series, fmt: str) -> pd.Series:
     else:
         text = ts.dt.strftime(fmt)
     return text.astype(object).where(ts.notna())
+
+
+def _kind(s: pd.Series) -> str:
+    return pd.api.types.infer_dtype(s, skipna=True)
+
+
+def _is_text(s: pd.Series) -> bool:
+    """Only str and NULLs (a text column, whatever its dtype)."""
+    if isinstance(s.dtype, pd.StringDtype):
+        return True
+    return s.dtype == object and _kind(s) in ("string", "empty")
+
+
+def _each_distinct(s: pd.Series, fn, one_kind: bool) -> pd.Series:
+    """``s.map(fn)``, calling ``fn`` once per distinct value when the column holds one kind
+    of value (text, flags: they repeat a lot; mixed kinds would merge 1 with True)."""
+    if not one_kind:
+        return s.map(fn)
+    codes, uniques = pd.factorize(s)
+    out = np.empty(len(uniques) + 1, dtype=object)
+    out[:-1] = [fn(u) for u in uniques]
+    out[-1] = fn(None)  # code -1: NULL
+    return pd.Series(out[codes], index=s.index, dtype=object)
 
 
 def _show(v: Any) -> str:

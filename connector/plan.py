@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from pandas.core.util.hashing import combine_hash_arrays
 
 from connector import extract, state
-from connector.coerce import decode
+from connector.coerce import _is_text, decode
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
 
@@ -65,9 +66,9 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
     spec = sync.spec
     plan = Plan(run_id)
-    hashes = state.snapshot_hashes(sync.state, spec.name)
+    hashes = Snapshot.load(sync.state, spec.name)
     plan.snapshot_size = len(hashes)
-    seen: dict[str, bool] = {}  # key -> staged?
+    seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
     beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
 
@@ -91,7 +92,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     return plan
 
 
-def _with_failures(sync, chunks, seen: dict[str, bool], retry: bool):
+def _with_failures(sync, chunks, seen: KeySet, retry: bool):
     """The scan's chunks, then users who failed before and were not in the scan."""
     yield from chunks
     if not retry:
@@ -100,30 +101,31 @@ def _with_failures(sync, chunks, seen: dict[str, bool], retry: bool):
     if not identities:
         return
     cols = list(sync.spec.identity_columns.values())
-    todo = [i for i in identities if _key_of(tuple(i[c] for c in cols)) not in seen]
+    read = seen.contains(digest(np.array([_key_of(tuple(i[c] for c in cols)) for i in identities], dtype=object)))
+    todo = [i for i, done in zip(identities, read) if not done]
     for frame in extract.read(sync.warehouse, sync.source, sync.spec, identities=todo):
         frame.attrs["retry"] = True
         yield frame
 
 
-def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], seen, duplicates,
+def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: KeySet, duplicates,
                 *, mode: str, stage: bool) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
     keys, bad_identity = _keys(frame, list(id_cols.values()))
-    frame = frame.set_axis(keys)
+    frame = frame.set_axis(pd.Index(keys, dtype=object))
     invalid: dict[str, str] = {}
     for i in np.flatnonzero(bad_identity):
         log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols.values()))
         plan.users_invalid += 1
     ok = ~bad_identity
     ok_keys = pd.Series(keys[ok], dtype=object)
-    duplicates.update(ok_keys[ok_keys.duplicated(keep=False) | ok_keys.isin(list(seen))])
-    dup_mask = np.array([k in duplicates for k in keys])
+    digests = digest(keys)
+    duplicates.update(ok_keys[ok_keys.duplicated(keep=False).to_numpy() | seen.contains(digests[ok])])
+    dup_mask = np.array([k in duplicates for k in keys]) if duplicates else np.zeros(len(keys), dtype=bool)
     usable = ok & ~dup_mask
+    seen.add(digests[usable])
     frame = frame[usable]
-    for k in frame.index:
-        seen[k] = False
 
     # map: coerce every attribute; the first bad value rejects the user
     wire = {}
@@ -139,10 +141,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
         wire, frame = wire[~bad], frame[~bad]
 
     # diff, first pass: hash of the mapped row against the snapshot's
-    row_hash = pd.util.hash_pandas_object(wire.astype(object).where(wire.notna(), None).astype(str),
-                                          index=False).to_numpy().view(np.int64)
-    old_hash = np.array([hashes.get(k, 0) for k in wire.index], dtype=np.int64)
-    known = np.array([k in hashes for k in wire.index], dtype=bool)
+    row_hash = _row_hash(wire)
+    known, old_hash = hashes.lookup(digest(wire.index.to_numpy()))
     moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(wire), dtype=bool)
 
     # second pass: attribute by attribute against the last delivered payload
@@ -180,7 +180,6 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
                        "ops": state.dumps([[a, o.value, v] for a, o, v in ops]), "payload": state.dumps(payload),
                        "before": state.dumps(before or {}),
                        "row_hash": int(h), "status": "pending"})
-        seen[key] = True
     plan.users_settled += len(settled)
     plan.users_invalid += len(rejected)
     if not stage:
@@ -191,6 +190,94 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: dict[str, int], s
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
         state.clear_failures(c, spec.name, [k for k, _, _ in settled])  # nothing left to send
         state.record_failures(c, spec.name, plan.run_id, rejected)
+
+
+def _row_hash(wire: pd.DataFrame) -> np.ndarray:
+    """``hash_pandas_object`` of each row as text (``str(value)``; NULL stays missing), with
+    each column's text made and hashed once per distinct value."""
+    columns = []
+    for _, s in wire.items():
+        if pd.api.types.is_float_dtype(s):  # factorize would merge 0.0 and -0.0
+            columns.append(_text_hash(s.astype(object).where(s.notna(), None)))
+            continue
+        codes, uniques = pd.factorize(s)
+        columns.append(_text_hash(pd.Series([*uniques.astype(object), None], dtype=object))[codes])  # -1: NULL
+    return combine_hash_arrays(iter(columns), len(columns)).view(np.int64)
+
+
+def _text_hash(values: pd.Series) -> np.ndarray:
+    return pd.util.hash_pandas_object(values.astype(str), index=False).to_numpy()
+
+
+def digest(keys: np.ndarray) -> np.ndarray:
+    """128-bit digests of user keys (two keyed SipHashes), as 16-byte strings that sort.
+
+    The plan's memory per user is these 16 bytes (plus a row hash), not a Python string.
+    """
+    pair = np.empty((len(keys), 2), dtype=np.uint64)
+    pair[:, 0] = pd.util.hash_array(keys, hash_key="usersync-keys-a1", categorize=False)
+    pair[:, 1] = pd.util.hash_array(keys, hash_key="usersync-keys-b2", categorize=False)
+    return pair.view("S16").ravel()
+
+
+class KeySet:
+    """A set of key digests kept as a few sorted arrays, merged like a binary counter."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def add(self, digests: np.ndarray) -> None:
+        self.runs.append(np.sort(digests))
+        while len(self.runs) > 1 and len(self.runs[-1]) >= len(self.runs[-2]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self.runs:
+            found |= _positions(run, digests)[1]
+        return found
+
+
+class Snapshot:
+    """The snapshot's row hashes by key digest: sorted arrays, looked up a chunk at a time."""
+
+    def __init__(self, digests: np.ndarray, row_hashes: np.ndarray):
+        order = np.argsort(digests)
+        self.digests, self.row_hashes = digests[order], row_hashes[order]
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    @classmethod
+    def load(cls, engine, sync: str, batch: int = 100_000) -> Snapshot:
+        s = state.snapshot
+        digests, hashes = [np.empty(0, dtype="S16")], [np.empty(0, dtype=np.int64)]
+        with engine.connect() as c:
+            rows = c.execution_options(stream_results=True, yield_per=batch).execute(
+                sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == sync))
+            for part in rows.partitions(batch):
+                keys, values = zip(*part)
+                digests.append(digest(np.array(keys, dtype=object)))
+                hashes.append(np.array(values, dtype=np.int64))
+        return cls(np.concatenate(digests), np.concatenate(hashes))
+
+    def lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(known, row hash or 0) for each digest."""
+        pos, found = _positions(self.digests, digests)
+        if not found.any():
+            return found, np.zeros(len(digests), dtype=np.int64)
+        return found, np.where(found, self.row_hashes[np.minimum(pos, len(self.row_hashes) - 1)], 0)
+
+
+def _positions(sorted_: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.searchsorted(sorted_, values)
+    if not len(sorted_):
+        return pos, np.zeros(len(values), dtype=bool)
+    return pos, sorted_[np.minimum(pos, len(sorted_) - 1)] == values
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
@@ -263,7 +350,7 @@ def _keys(frame: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]
     bad = np.zeros(len(frame), dtype=bool)
     for c in cols:
         s = frame[c]
-        text = s.map(_key_part)
+        text = s.astype(object).str.strip() if _is_text(s) else s.map(_key_part)
         bad |= text.isna().to_numpy() | (text == "").to_numpy()
         parts.append(text.fillna(""))
     keys = parts[0] if len(parts) == 1 else parts[0].str.cat(parts[1:], sep="|")
