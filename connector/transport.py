@@ -64,8 +64,9 @@ class Transport:
         self.timeout = timeout
 
     def send(self, req: Request) -> requests.Response:
+        # verify per request: a session's own setting loses to REQUESTS_CA_BUNDLE (requests#3829)
         return self.session.request(req.method, req.url, params=req.params, json=req.json,
-                                    headers=req.headers, timeout=self.timeout)
+                                    headers=req.headers, timeout=self.timeout, verify=self.session.verify)
 
     def close(self) -> None:
         self.session.close()

@@ -21,7 +21,8 @@ def test_fault_matrix(vendor, fault, tmp_path, monkeypatch):
         assert o.first["failed"] == {} and o.a_attempts == parts  # slow, but no retry
     else:
         # A met the fault once: delivered by the retry, in the same run
-        assert o.a in o.first["delivered"] and o.a_attempts >= 2 - (vendor == "tencent_im" and fault == "partial_success")
+        in_errorlist = vendor == "tencent_im" and fault == "partial_success"  # A's request succeeded at once
+        assert o.a in o.first["delivered"] and o.a_attempts >= (1 if in_errorlist else 2)
         # B met it on every attempt: recorded as failed (with the users of its request), with the reason
         assert o.b not in o.first["delivered"]
         cls, code, message = o.b_failure

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -176,11 +177,26 @@ class Vendor:
 
 
 def transport_verdict(exc: Exception) -> Verdict:
-    """A request that got no readable answer: retry; ambiguous if it may have arrived."""
-    not_sent = isinstance(exc, requests.ConnectTimeout) or (
+    """A request that got no readable answer: retry; ambiguous if it may have arrived.
+
+    A certificate that fails verification stops the run: nothing was sent, and no other
+    request to that host can fare better.
+    """
+    message = without_query(str(exc))[:300]
+    if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in message:
+        return Verdict(Kind.STOP, code="SSLError", message=f"TLS certificate not trusted: {message}")
+    not_sent = isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError)) or (
         isinstance(exc, requests.ConnectionError) and "NewConnectionError" in repr(exc)
     )
-    return Verdict(Kind.RETRY, code=type(exc).__name__, message=str(exc)[:300], ambiguous=not not_sent)
+    return Verdict(Kind.RETRY, code=type(exc).__name__, message=message, ambiguous=not not_sent)
+
+
+_QUERY = re.compile(r"\?[^\s'\"]+")
+
+
+def without_query(text: str) -> str:
+    """``text`` with URL query strings cut (a vendor may carry credentials there)."""
+    return _QUERY.sub("?…", text)
 
 
 def wait_seconds(response: requests.Response, *headers: str, cap: float | None = None) -> float | None:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -33,7 +34,8 @@ import requests
 from connector.coerce import Coercer
 from connector.config import ConfigError
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body
+from connector.vendors.base import (Change, Kind, Op, Request, Vendor, Verdict, json_body, transport_verdict,
+                                    without_query)
 
 # -- settings: everything the docs fix -------------------------------------------------
 REGIONS = {  # region -> admin API host [doc]
@@ -81,6 +83,18 @@ RETRYABLE = {91000: "internal service error", 70500: "internal server error"}
 WINDOW = 1.0  # the rate limit's window (seconds): how long a throttled client waits
 STOP_FIELDS = {60002: "vendor", 70013: "vendor.settings.identifier", 90009: "vendor.settings.identifier",
                70014: "vendor.settings.sdkappid", 70020: "vendor.settings.sdkappid"}
+
+
+class _NoUserSigInLogs(logging.Filter):
+    """urllib3 logs each request's URL at debug level; ours carry the UserSig, a credential."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg, record.args = without_query(record.getMessage()), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_NoUserSigInLogs())
 
 
 # -- wire types: Tencent stores every attribute as a string of at most 50 bytes -----------
@@ -269,10 +283,10 @@ class Client(Vendor):
             req = self._call(GET_ATTR_NAME, {})
             try:
                 resp = session.request(req.method, req.url, params=req.params, json=req.json,
-                                       headers=req.headers, timeout=cfg.timeout)
+                                       headers=req.headers, timeout=cfg.timeout, verify=session.verify)
                 v, body = self._read(req, resp)
             except requests.RequestException as e:
-                v, body = Verdict(Kind.RETRY, type(e).__name__, str(e)[:300]), None
+                v, body = transport_verdict(e), None
             if v.kind is Kind.DELIVERED:
                 names = (body or {}).get("AttrNames") or {}
                 return {str(n) for n in (names.values() if isinstance(names, dict) else names)}
