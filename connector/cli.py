@@ -165,7 +165,9 @@ def cmd_plan(args) -> int:
 
 def cmd_status(args) -> int:
     cfg, _ = config.load(args.config)
-    eng = state.connect(cfg.state_url)
+    eng = state.make_engine(cfg.state_url)
+    engine.check_state(cfg, eng)  # before creating anything: a dropped table must not come back empty
+    state.metadata.create_all(eng)
     r, b = state.runs, state.batches
     q = sa.select(r).order_by(r.c.run_id.desc()).limit(args.runs)
     if args.sync:

@@ -31,6 +31,7 @@ class Sync:
         self.coercers = {a.attribute: self.vendor_cls.types[a.type.lower()] for a in spec.mapping}
         self.warehouse = state.make_engine(cfg.warehouse)
         self.state = self.warehouse if cfg.state_url == cfg.warehouse else state.make_engine(cfg.state_url)
+        check_state(cfg, self.state, spec.name)
         state.metadata.create_all(self.state)
         self._source: sa.FromClause | None = None
 
@@ -80,6 +81,24 @@ class Sync:
             raise ConfigError(self.cfg.path, f"missing credential(s): {', '.join(missing)}", self.spec.name,
                               f"vendor.credentials.{missing[0]}")
         return self.vendor_cls(base_url, creds, settings)
+
+
+def check_state(cfg: Config, engine: sa.Engine, sync: str | None = None) -> None:
+    """Refuse a state database that is unreachable, or that lost a table holding what was
+    delivered: recreated empty, it would send every user again as new (and count
+    increments twice). Raises ConfigError naming what is wrong."""
+    where = "state" if cfg.state else "warehouse"
+    try:
+        with engine.connect() as c:
+            have = set(sa.inspect(c).get_table_names())
+            ran = state.runs.name in have and c.execute(sa.select(sa.func.count()).select_from(state.runs)).scalar()
+    except sa.exc.DBAPIError as e:
+        raise ConfigError(cfg.path, f"cannot reach the {where} database: {e.orig}", sync, where) from None
+    missing = [t.name for t in (state.snapshot, state.failures) if t.name not in have]
+    if ran and missing:
+        raise ConfigError(cfg.path, f"sync table(s) {', '.join(missing)} missing although sync_runs records "
+                          f"{ran} run(s): dropped? Restore it from a backup, or drop every sync_* table to "
+                          "start over (every user is then sent again as new)", sync, where)
 
 
 @dataclasses.dataclass
