@@ -32,7 +32,7 @@ class Sync:
         self.warehouse = state.make_engine(cfg.warehouse)
         self.state = self.warehouse if cfg.state_url == cfg.warehouse else state.make_engine(cfg.state_url)
         check_state(cfg, self.state, spec.name)
-        state.metadata.create_all(self.state)
+        state.create_tables(self.state)
         self._source: sa.FromClause | None = None
 
     @property

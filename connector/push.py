@@ -9,13 +9,14 @@ attributes are re-sent next run, its non-idempotent ones are not.
 
 A process can also die between "the vendor applied it" and "we recorded that". So a
 request carrying non-idempotent ops is first marked ``sending`` in ``sync_plan`` (a
-write-ahead intent, in the transaction that records the previous answers): rows a dead
-run left ``sending`` are settled by the same at-most-once rule (:func:`settle_in_doubt`).
+write-ahead intent, one small transaction just before it goes): rows a dead run left
+``sending`` are settled by the same at-most-once rule (:func:`settle_in_doubt`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -51,6 +52,7 @@ class _Job:
     batch: list[Change]
     attempts: int = 0
     not_before: float = 0.0
+    intended: frozenset[str] = frozenset()  # non-idempotent attributes marked ``sending`` so far
 
 
 @dataclasses.dataclass
@@ -135,17 +137,18 @@ def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
     """Settle plan rows left ``sending`` by a run that stopped mid-request (killed, interrupted).
 
     The vendor may have applied them, so the ambiguous-failure rule holds: their
-    non-idempotent attributes count as applied (never sent twice), their idempotent ones
-    go again next run; the users are recorded as ``in_doubt``, with one ``in_doubt`` batch
+    non-idempotent attributes in flight count as applied (never sent twice), the rest goes
+    again next run; the users are recorded as ``in_doubt``, with one ``in_doubt`` batch
     row per run. ``where`` narrows the rows (a run, a shard, the sync's other runs).
     """
-    rows = conn.execute(sa.select(_p.c.run_id, *_COLUMNS).where(_p.c.status == "sending", *where)
-                        .order_by(_p.c.run_id, _p.c.user_key)).all()
-    for run_id, group in itertools.groupby(rows, key=lambda r: r[0]):
-        changes, staged = _load([r[1:] for r in group])
+    rows = conn.execute(sa.select(_p.c.run_id, _p.c.in_flight, *_COLUMNS).where(_p.c.status == "sending", *where)
+                        .order_by(_p.c.run_id, _p.c.in_flight, _p.c.user_key)).all()
+    for (run_id, in_flight), group in itertools.groupby(rows, key=lambda r: r[:2]):
+        changes, staged = _load([r[2:] for r in group])
         keys = [c.key for c in changes]
         who = ", ".join(keys[:50]) + (f" and {len(keys) - 50} more" if len(keys) > 50 else "")
-        sent = _Sent(_Job(changes), Verdict(Kind.RETRY, "in_doubt", f"{IN_DOUBT}: {who}", ambiguous=True), 0)
+        sent = _Sent(_Job(changes), Verdict(Kind.RETRY, "in_doubt", f"{IN_DOUBT}: {who}", ambiguous=True), 0,
+                     failing=frozenset(json.loads(in_flight)) if in_flight else None)
         _batch_row(conn, sync, run_id, 0, sent, "in_doubt")
         _failed(conn, sync, run_id, [(c, "in_doubt", None, IN_DOUBT) for c in changes], staged, sent)
         log.warning("run %s: %d user(s) were in flight when it stopped; their increments/appends count as "
@@ -156,32 +159,40 @@ def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
 def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, stop, concurrency, result, progress):
     cfg = sync.spec.vendor
     inflight: set[Future] = set()
-    done: set[Future] = set()
+    intend = functools.partial(_intend, sync, run_id)
     beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
-    while True:
-        # one transaction: the answers just in, and the intent of the requests about to go
+    while jobs or inflight:
+        # the run's first request goes alone: a bad credential costs one request, not a burst
+        limit = concurrency * 2 if result.requests else 1
+        while jobs and len(inflight) < limit and not stop.is_set():
+            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg, intend))
+        if not inflight:
+            break
+        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+        crashpoint("vendor_answered")
         with sync.state.begin() as conn:
             for fut in done:
                 sent = fut.result()
                 result.requests += sent.attempts - sent.job.attempts
                 _record(sync, conn, run_id, shard, sent, staged, jobs, stop, result, cfg.max_attempts)
-            # the run's first request goes alone: a bad credential costs one request, not a burst
-            limit = concurrency * 2 if result.requests else 1
-            new = [jobs.popleft() for _ in range(min(len(jobs), limit - len(inflight)))] if not stop.is_set() else []
-            _mark(conn, run_id, [c.key for job in new for c in job.batch if not c.idempotent], "sending")
         crashpoint("after_commit")
-        inflight.update(pool.submit(_send, job, vendor, transport, limiter, stop, cfg) for job in new)
-        if not inflight:
-            break
-        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-        crashpoint("vendor_answered")
         if progress:
             progress.update(requests=result.requests, delivered=result.delivered,
                             failed=result.failed + result.rejected)
         beat()
 
 
-def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg) -> _Sent:
+def _intend(sync, run_id: int, batch: list[Change], attributes: frozenset[str]) -> None:
+    """Write-ahead intent, just before a request with non-idempotent ops goes: from now on
+    the vendor may apply ``attributes``, so a run that dies before recording the answer leaves
+    these users ``sending`` — settled at most once (:func:`settle_in_doubt`), never re-sent."""
+    with sync.state.begin() as conn:
+        for chunk in state.chunked([c.key for c in batch if not c.idempotent], 500):
+            conn.execute(_p.update().where(_p.c.run_id == run_id, _p.c.user_key.in_(chunk))
+                         .values(status="sending", in_flight=state.dumps(sorted(attributes))))
+
+
+def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg, intend) -> _Sent:
     """Send one batch (its parts in order), retrying whole-request transient failures in place."""
     delay = job.not_before - time.monotonic()
     if delay > 0:
@@ -189,7 +200,7 @@ def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: t
     count = len(_parts(vendor, job.batch))
     attempts, applied = job.attempts, frozenset()
     for i in range(count):
-        sent = _send_part(job, i, vendor, transport, limiter, stop, cfg, attempts)
+        sent = _send_part(job, i, vendor, transport, limiter, stop, cfg, attempts, intend)
         attempts = sent.attempts
         v = sent.verdict
         if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == count - 1:
@@ -205,18 +216,22 @@ def _parts(vendor, batch: list[Change]) -> list:
     return parts if isinstance(parts, list) else [parts]
 
 
-def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, attempts: int) -> _Sent:
+def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, attempts: int, intend) -> _Sent:
     carried = _parts(vendor, job.batch)[index].attributes  # None: the whole batch
-    idempotent = all(op.idempotent for c in job.batch for a, op, _ in c.ops if carried is None or a in carried)
+    risky = frozenset(a for c in job.batch for a, op, _ in c.ops if not op.idempotent and (carried is None or a in carried))
+    idempotent = not risky
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
         limiter.acquire()
         req = _parts(vendor, job.batch)[index]  # built afresh each attempt: timestamps, nonces, signatures
+        if not risky <= job.intended:
+            job.intended |= risky
+            intend(job.batch, job.intended)
+        crashpoint("before_send")
         sent_at = state.now()
         t0 = time.monotonic()
         attempts += 1
-        crashpoint("before_send")
         try:
             resp = transport.send(req)
             verdict, status = vendor.verdict(req, resp), resp.status_code

@@ -99,6 +99,7 @@ plan = sa.Table(
     sa.Column("before", _JSON, nullable=False),  # snapshot payload now (for partial application)
     sa.Column("row_hash", sa.BigInteger, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),  # pending / sending (in flight) / delivered / failed
+    sa.Column("in_flight", sa.Text),  # while sending: JSON list of the non-idempotent attributes that may land
     sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"),
 )
 
@@ -127,8 +128,16 @@ def now() -> dt.datetime:
 def connect(url: str) -> Engine:
     """An engine for the state database, with the sync tables created if missing."""
     engine = make_engine(url)
-    metadata.create_all(engine)
+    create_tables(engine)
     return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the sync tables if missing; add ``sync_plan.in_flight`` to tables made before it."""
+    metadata.create_all(engine)
+    if "in_flight" not in {c["name"] for c in sa.inspect(engine).get_columns("sync_plan")}:
+        with engine.begin() as c:
+            c.execute(sa.text("ALTER TABLE sync_plan ADD COLUMN in_flight TEXT"))
 
 
 def make_engine(url: str) -> Engine:

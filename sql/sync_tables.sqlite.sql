@@ -60,6 +60,7 @@ CREATE TABLE sync_plan (
 	"before" TEXT NOT NULL, 
 	row_hash BIGINT NOT NULL, 
 	status VARCHAR(20) NOT NULL, 
+	in_flight TEXT, 
 	PRIMARY KEY (run_id, user_key)
 );
 
