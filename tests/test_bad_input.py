@@ -68,11 +68,14 @@ class _logged:
         self.lines: list[str] = []
         self.handler = logging.Handler(logging.WARNING)
         self.handler.emit = lambda r: self.lines.append(r.getMessage())
-        logging.getLogger("usersync").addHandler(self.handler)
+        self.log, self.level = logging.getLogger("usersync"), logging.getLogger("usersync").level
+        self.log.addHandler(self.handler)
+        self.log.setLevel(logging.WARNING)  # whatever the root logger's level
         return self.lines
 
     def __exit__(self, *exc) -> None:
-        logging.getLogger("usersync").removeHandler(self.handler)
+        self.log.removeHandler(self.handler)
+        self.log.setLevel(self.level)
 
 
 def _sql_case(vendor: str, directory: Path, env, columns: dict[str, str], who: str) -> h.Case:
