@@ -64,9 +64,9 @@ def test_kill_after_the_intent_before_the_request_is_flagged_in_doubt_never_rese
     left, it is missing at the vendor — and named in an in_doubt batch row; nothing else is."""
     figures = crash_round(world, "before_send", 4)
     clean(figures)
-    assert figures["in_doubt_short"] == 1
-    (row,) = table(world.url, state.batches, state.batches.c.outcome == "in_doubt")
-    assert "may have been applied" in row["vendor_message"]
+    assert figures["in_doubt_short"] >= 1  # the killed one, and any other between its intent and its send
+    flagged = table(world.url, state.batches, state.batches.c.outcome == "in_doubt")
+    assert flagged and all("may have been applied" in row["vendor_message"] for row in flagged)
     clean(crash_round(world))  # the next round is exact again (the shortfall stays known, not re-sent)
 
 
@@ -79,7 +79,7 @@ def test_every_named_point_and_a_random_kill(world):
     clean(crash_round(world, delay=0.05))
 
 
-@pytest.mark.parametrize("world", [("jiguang", {"lock_timeout": 30, "latency": 0.05})], indirect=True)
+@pytest.mark.parametrize("world", [("jiguang", {"lock_timeout": 30, "latency": 0.3})], indirect=True)
 def test_two_runs_started_together_exactly_one_pushes(world):
     world.mutate()
     a, b = world.start(), world.start()
