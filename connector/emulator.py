@@ -171,6 +171,7 @@ class Req:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go as two writes: without this, a 40 ms delayed-ACK stall
     server: _Server
 
     def log_message(self, fmt: str, *args: Any) -> None:

@@ -17,18 +17,20 @@ from connector.vendors.base import Request
 
 
 class RateLimiter:
-    """A token bucket shared by all workers, with a pause for vendor back-off.
+    """A pacer shared by all workers, with a pause for vendor back-off.
 
-    ``rate`` tokens a second, at most ``burst`` saved up: over any window of T seconds
-    at most ``burst + rate * T`` requests start, so a vendor's per-second or per-minute
-    limit is never crossed when ``rate`` is at or under it.
+    Each caller reserves the next start slot, ``1 / rate`` after the previous one, and
+    sleeps until it: starts are evenly spaced, so over any window of T seconds at most
+    ``1 + rate * T`` requests start, and a worker that wakes late delays only itself
+    (a token bucket capped at one token would lose that time for everyone). A vendor's
+    fixed window of L requests per T seconds therefore holds at a rate a few percent
+    under L / T (the margin covers the extra start and arrival jitter), and the
+    sustained rate is that rate.
     """
 
-    def __init__(self, rate: float, burst: float | None = None):
+    def __init__(self, rate: float):
         self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, min(rate / 10, 10.0))
-        self._tokens = self.burst
-        self._last = time.monotonic()
+        self._next = 0.0  # the next free start slot (monotonic clock)
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
@@ -36,21 +38,19 @@ class RateLimiter:
         while True:
             with self._lock:
                 now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                wait = self._paused_until - now
-                if wait <= 0 and self._tokens >= 1:
-                    self._tokens -= 1
+                slot = max(self._next, self._paused_until, now)
+                self._next = slot + 1 / self.rate
+            if slot > now:
+                time.sleep(slot - now)
+            with self._lock:
+                if slot >= self._paused_until:  # no back-off ordered since the slot was taken
                     return
-                if wait <= 0:
-                    wait = (1 - self._tokens) / self.rate
-            time.sleep(wait)
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (the vendor said: slow down)."""
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-            self._tokens = 0
+            self._next = self._paused_until
 
 
 class Transport:

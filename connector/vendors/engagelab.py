@@ -52,7 +52,7 @@ class Client(Vendor):
     rules = {"set": "set", "once": "once", "increase": "increase", "list": "list", "append": "append"}
     null_policies = frozenset({"skip", "unset"})  # a null value is an empty one (55103): NULL -> delete
     max_users = 1
-    rate_limit = RATE_LIMIT
+    rate_limit = RATE_LIMIT * 0.97  # a margin under the emulated fixed one-second window
     concurrency = 8
     default_base_url = REGIONS[DEFAULT_REGION]
     identity_fields = ("euid",)
