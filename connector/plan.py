@@ -66,7 +66,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
     spec = sync.spec
     plan = Plan(run_id)
-    hashes = Snapshot.load(sync.state, spec.name)
+    hashes = Snapshot(sync.state, spec.name)
     plan.snapshot_size = len(hashes)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
@@ -142,7 +142,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
 
     # diff, first pass: hash of the mapped row against the snapshot's
     row_hash = _row_hash(wire)
-    known, old_hash = hashes.lookup(digest(wire.index.to_numpy()))
+    known, old_hash = hashes.lookup(wire.index.to_numpy())
     moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(wire), dtype=bool)
 
     # second pass: attribute by attribute against the last delivered payload
@@ -243,34 +243,56 @@ class KeySet:
 
 
 class Snapshot:
-    """The snapshot's row hashes by key digest: sorted arrays, looked up a chunk at a time."""
+    """The snapshot's row hashes, looked up a chunk at a time.
 
-    def __init__(self, digests: np.ndarray, row_hashes: np.ndarray):
-        order = np.argsort(digests)
-        self.digests, self.row_hashes = digests[order], row_hashes[order]
+    A run that reads few users (incremental, by cursor) asks the table for their keys; once
+    a run has read more than a twentieth of the snapshot, the whole of it is loaded as sorted
+    arrays (a 16-byte key digest and the row hash: 24 bytes a user) and looked up in memory.
+    """
+
+    def __init__(self, engine, sync: str):
+        self.engine, self.sync = engine, sync
+        s = state.snapshot
+        with engine.connect() as c:
+            self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
+        self.read = 0
+        self.digests: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.digests)
+        return self.size
 
-    @classmethod
-    def load(cls, engine, sync: str, batch: int = 100_000) -> Snapshot:
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(known, row hash or 0) for each key."""
+        self.read += len(keys)
+        if self.digests is None and self.read <= self.size / 20:
+            s = state.snapshot
+            found: dict[str, int] = {}
+            with self.engine.connect() as c:
+                for part in state.chunked(list(keys), 500):
+                    found.update(c.execute(sa.select(s.c.user_key, s.c.row_hash).where(
+                        s.c.sync == self.sync, s.c.user_key.in_(part))).all())
+            return (np.array([k in found for k in keys], dtype=bool),
+                    np.array([found.get(k, 0) for k in keys], dtype=np.int64))
+        if self.digests is None:
+            self._load()
+        pos, known = _positions(self.digests, digest(keys))
+        if not known.any():
+            return known, np.zeros(len(keys), dtype=np.int64)
+        return known, np.where(known, self.row_hashes[np.minimum(pos, len(self.row_hashes) - 1)], 0)
+
+    def _load(self, batch: int = 100_000) -> None:
         s = state.snapshot
         digests, hashes = [np.empty(0, dtype="S16")], [np.empty(0, dtype=np.int64)]
-        with engine.connect() as c:
+        with self.engine.connect() as c:
             rows = c.execution_options(stream_results=True, yield_per=batch).execute(
-                sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == sync))
+                sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == self.sync))
             for part in rows.partitions(batch):
                 keys, values = zip(*part)
                 digests.append(digest(np.array(keys, dtype=object)))
                 hashes.append(np.array(values, dtype=np.int64))
-        return cls(np.concatenate(digests), np.concatenate(hashes))
-
-    def lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(known, row hash or 0) for each digest."""
-        pos, found = _positions(self.digests, digests)
-        if not found.any():
-            return found, np.zeros(len(digests), dtype=np.int64)
-        return found, np.where(found, self.row_hashes[np.minimum(pos, len(self.row_hashes) - 1)], 0)
+        all_digests = np.concatenate(digests)
+        order = np.argsort(all_digests)
+        self.digests, self.row_hashes = all_digests[order], np.concatenate(hashes)[order]
 
 
 def _positions(sorted_: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
