@@ -1,0 +1,167 @@
+"""``python -m bench [--quick | --tiny] [--out DIR]``: run every benchmark, write the results.
+
+Sizes (full / --quick / --tiny): the plan runs on 1M / 100k / 2k users with 1% changed;
+the commit compares 1M with 100k users (10% of those sizes in the other modes) with the
+same number of changed users; the scale run plans 10M / 1M / 5k users on PostgreSQL;
+each vendor's push lasts about 70 s / 10 s / a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench import report, warehouse
+from bench.push import LIMITS
+
+HERE = Path(__file__).resolve().parent
+SIZES = {  # users, small users, scale users, push scale
+    "full": (1_000_000, 100_000, 10_000_000, 1.0),
+    "quick": (100_000, 10_000, 1_000_000, 0.15),
+    "tiny": (2_000, 200, 5_000, 0.0),
+}
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+SYNC = "bench_users"
+PROFILE: Path | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_const", const="quick", dest="mode", help="a scaled-down run")
+    ap.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help="seconds: the tests' smoke run")
+    ap.add_argument("--out", type=Path, default=HERE, help="where results.{json,md,png} go (default: bench/)")
+    ap.add_argument("--postgres", default=os.environ.get("USERSYNC_BENCH_POSTGRES_URL", PG_URL),
+                    help="a PostgreSQL server URL ('' to skip PostgreSQL)")
+    ap.add_argument("--vendors", default=",".join(LIMITS), help="vendors whose push to measure")
+    ap.add_argument("--profile", type=Path, help="write a pyinstrument report of each plan phase here")
+    ap.add_argument("--readme", action="store_true", help="also rewrite the figures in README.md's PERFORMANCE")
+    args = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
+    mode = args.mode or "full"
+    users, small, scale, push_scale = SIZES[mode]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="usersync-bench-"))
+    started, load = time.time(), os.getloadavg()
+    raw: dict = {"mode": mode, "users": users, "small_users": small, "scale_users": scale, "databases": {}}
+
+    servers = {"sqlite": None}
+    if args.postgres and _reachable(args.postgres):
+        servers["postgresql"] = args.postgres
+    for db, server in servers.items():
+        raw["databases"][db] = database(db, server, work, users, small)
+    if "postgresql" in servers:
+        raw["scale"] = scaled(args.postgres, work, users, scale)
+    raw["push"] = {v: _child("bench.push", v, str(work), str(push_scale)) for v in args.vendors.split(",") if v}
+    raw["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load,
+                      "load_after": os.getloadavg(), "minutes": round((time.time() - started) / 60, 1),
+                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    results = report.summarize(raw)
+    report.write(results, args.out)
+    if args.readme:
+        report.readme(results, HERE.parent / "README.md")
+    print(report.table(results))
+    return 0
+
+
+def database(db: str, server: str | None, work: Path, users: int, small: int) -> dict:
+    """Plan vs bare read, incremental vs full scan, and the commit at two sizes, on one database."""
+    out = {}
+    big = _fresh(db, server, work, "big")
+    _prepare(big, users, work)
+    full, incremental = warehouse.sync(SYNC, cursor=False), warehouse.sync(SYNC, cursor=True)
+    out["read"] = _phase("read", big, full, work)
+    out["plan"] = _phase("plan", big, full, work)
+    out["incremental"] = _phase("plan", big, incremental, work)
+    out["commit_big"] = _phase("commit", big, incremental, work)
+    little = _fresh(db, server, work, "small")
+    _prepare(little, small, work, every=100 * small // users)  # the same number of changed users
+    out["commit_small"] = _phase("commit", little, incremental, work)
+    for url in (big, little):
+        _drop(db, server, url)
+    return out
+
+
+def scaled(server: str, work: Path, template: int, users: int) -> dict:
+    """10M users on PostgreSQL: the template users seeded by a real run, the rest copied in SQL."""
+    url = _fresh("postgresql", server, work, "scale")
+    spec = warehouse.sync(SYNC, cursor=True)
+    warehouse.create(url, template)
+    _phase("seed", url, spec, work)
+    warehouse.append(url, template, users, template)
+    _phase("snapshot_copy", url, spec, work, template=template)
+    warehouse.change(url)
+    out = {"plan": _phase("plan", url, warehouse.sync(SYNC, cursor=False), work)}
+    _drop("postgresql", server, url)
+    return out
+
+
+def _prepare(url: str, users: int, work: Path, every: int = 100) -> None:
+    """The warehouse, a first run that delivered everyone, then a day with 1 in ``every`` changed."""
+    warehouse.create(url, users)
+    _phase("seed", url, warehouse.sync(SYNC, cursor=True), work)
+    warehouse.change(url, every=every)
+
+
+def _phase(name: str, url: str, spec: dict, work: Path, **kw) -> dict:
+    if PROFILE and name == "plan":
+        PROFILE.mkdir(parents=True, exist_ok=True)
+        kw["profile"] = str(PROFILE / f"plan-{url.rsplit('/', 1)[-1]}-{'cursor' in spec}-{time.time():.0f}.html")
+    out = _child("bench.phase", json.dumps({"phase": name, "url": url, "spec": spec, "workdir": str(work), **kw}))
+    print(f"  {name:<13} {url.rsplit('/', 1)[-1]:<28} {json.dumps(out)}", flush=True)
+    return out
+
+
+def _child(module: str, *args: str) -> dict:
+    """Run a measurement in a fresh interpreter; its last stdout line is JSON."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode:
+        raise RuntimeError(f"{module} {args[0][:80]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fresh(db: str, server: str | None, work: Path, label: str) -> str:
+    if db == "sqlite":
+        path = work / f"{label}.db"
+        path.unlink(missing_ok=True)
+        return f"sqlite:///{path}"
+    name = f"usersync_bench_{label}"
+    _drop(db, server, name)
+    with _admin(server) as c:
+        c.execute(sa.text(f"CREATE DATABASE {name}"))
+    return sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop(db: str, server: str | None, url_or_name: str) -> None:
+    if db != "postgresql":
+        return
+    name = url_or_name.rsplit("/", 1)[-1]
+    with _admin(server) as c:
+        c.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def _admin(server: str):
+    return sa.create_engine(server, isolation_level="AUTOCOMMIT").connect()
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with _admin(url):
+            return True
+    except sa.exc.OperationalError:
+        print(f"PostgreSQL at {url} is not reachable: PostgreSQL left out", file=sys.stderr)
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""One measured phase in a fresh process: ``python -m bench.phase '<json>'`` prints a JSON line.
+
+The line holds ``seconds`` (the phase's wall time, setup excluded) and ``peak_rss_mb``
+(this process's peak RSS from ``getrusage``, so phases never pollute each other).
+With ``"profile": path`` the phase runs under pyinstrument and writes an HTML report.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+import yaml
+
+from connector import config, engine, extract, push, state
+
+GROUP = 100  # users committed per transaction, as a push records a round of finished requests
+
+
+def open_sync(url: str, spec: dict, workdir: str) -> engine.Sync:
+    path = Path(workdir) / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump({"warehouse": url, "syncs": [spec]}, sort_keys=False))
+    cfg, _ = config.load(path)
+    return engine.open_sync(cfg, spec["name"])
+
+
+def bare_read(url: str, spec: dict, **_) -> dict:
+    """``pandas.read_sql`` of the plan's own query, streamed in the sync's chunk size."""
+    cols = list(dict.fromkeys([*spec["identity"].values(), *(m["column"] for m in spec["mapping"])]))
+    eng = sa.create_engine(url)
+    rows = 0
+    t0 = time.perf_counter()
+    with eng.connect() as conn:
+        conn = conn.execution_options(stream_results=True, yield_per=spec["chunk_size"])
+        for df in pd.read_sql(sa.text(f"SELECT {', '.join(cols)} FROM {spec['source']['table']}"), conn,
+                              chunksize=spec["chunk_size"], coerce_float=False):
+            rows += len(df)
+    return {"seconds": time.perf_counter() - t0, "rows": rows}
+
+
+def plan(url: str, spec: dict, workdir: str, **_) -> dict:
+    """``engine.begin`` + ``engine.plan`` (staged); then the run is closed without pushing."""
+    sync = open_sync(url, spec, workdir)
+    sync.source  # noqa: B018 - reflection is setup, not planning
+    t0 = time.perf_counter()
+    run_id = engine.begin(sync, mode="incremental", trigger="bench")
+    p = engine.plan(sync, run_id)
+    seconds = time.perf_counter() - t0
+    engine.finalize(sync, run_id, status="failed", error="bench: planned only")
+    return {"seconds": seconds, "rows": p.users_read, "changed": p.users_changed}
+
+
+def seed(url: str, spec: dict, workdir: str, **_) -> dict:
+    """A real first run without HTTP: plan everyone, then record every user as delivered
+    through the push's own commit path (``push._delivered``), and finalize (cursor advances)."""
+    sync = open_sync(url, spec, workdir)
+    t0 = time.perf_counter()
+    run_id = engine.begin(sync, mode="incremental", trigger="bench")
+    p = engine.plan(sync, run_id)
+    _commit_all(sync, run_id, group=5000)
+    summary = engine.finalize(sync, run_id)
+    return {"seconds": time.perf_counter() - t0, "rows": p.users_read, "delivered": summary.users_delivered}
+
+
+def commit(url: str, spec: dict, workdir: str, **_) -> dict:
+    """Plan the changed users, then time committing them as delivered, GROUP users a transaction."""
+    sync = open_sync(url, spec, workdir)
+    run_id = engine.begin(sync, mode="incremental", trigger="bench")
+    engine.plan(sync, run_id)
+    seconds = _commit_all(sync, run_id, group=GROUP)
+    summary = engine.finalize(sync, run_id)
+    return {"seconds": seconds, "delivered": summary.users_delivered}
+
+
+def _commit_all(sync, run_id: int, group: int) -> float:
+    spent = 0.0
+    for changes, staged in push._pending(sync, run_id, None):
+        for i in range(0, len(changes), group):
+            t0 = time.perf_counter()
+            with sync.state.begin() as conn:
+                push._delivered(conn, sync, run_id, changes[i:i + group], staged)
+            spent += time.perf_counter() - t0
+    return spent
+
+
+def snapshot_copy(url: str, spec: dict, template: int, **_) -> dict:
+    """Scale run: users past the template get the snapshot row of their template user (SQL)."""
+    eng = state.make_engine(url)
+    t0 = time.perf_counter()
+    with eng.begin() as c:
+        c.execute(sa.text(
+            "INSERT INTO sync_snapshot (sync, user_key, payload, row_hash, run_id, updated_at) "
+            "SELECT s.sync, w.user_id, s.payload, s.row_hash, s.run_id, s.updated_at FROM bench_users w "
+            "JOIN sync_snapshot s ON s.sync = :sync AND s.user_key = 'u' || lpad((w.seq % :n)::text, 9, '0') "
+            "WHERE w.seq >= :n"), {"sync": spec["name"], "n": template})
+        c.execute(sa.text("ANALYZE sync_snapshot"))
+    return {"seconds": time.perf_counter() - t0}
+
+
+PHASES = {"read": bare_read, "plan": plan, "seed": seed, "commit": commit, "snapshot_copy": snapshot_copy}
+
+
+def main(arg: str) -> None:
+    job = json.loads(arg)
+    fn = PHASES[job["phase"]]
+    if job.get("profile"):
+        from pyinstrument import Profiler
+
+        with Profiler() as prof:
+            out = fn(**job)
+        Path(job["profile"]).write_text(prof.output_html())
+    else:
+        out = fn(**job)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

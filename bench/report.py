@@ -1,0 +1,129 @@
+"""The targets, computed from one run's raw figures: results.json, results.md, results.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# key -> (what, goal text, is it met?)
+TARGETS = {
+    "plan_vs_read_time": ("plan time / bare read time", "<= 1.5", lambda x: x <= 1.5),
+    "plan_vs_read_memory": ("plan peak RSS / bare read peak RSS", "<= 2", lambda x: x <= 2.0),
+    "incremental_vs_full": ("incremental plan time / full-scan plan time (1% changed)", "<= 0.10", lambda x: x <= 0.10),
+    "commit_1m_vs_100k": ("commit of 10k delivered users: 1M-user / 100k-user snapshot", "about 1 (<= 1.5)",
+                          lambda x: x <= 1.5),
+    "push_fraction_of_limit": ("sustained push rate / vendor's declared limit, no throttling", ">= 0.95",
+                               lambda x: x >= 0.95),
+    "tencent_batch_fill": ("Tencent users per request / 100", ">= 0.99", lambda x: x >= 0.99),
+    "peak_rss_10m_mb": ("peak RSS planning 10M users on PostgreSQL (MB)", "bounded (stated)", lambda x: True),
+}
+
+
+def summarize(raw: dict) -> dict:
+    dbs = raw["databases"]
+    out: dict = {
+        "plan_vs_read_time": {db: _ratio(d["plan"]["seconds"], d["read"]["seconds"]) for db, d in dbs.items()},
+        "plan_vs_read_memory": {db: _ratio(d["plan"]["peak_rss_mb"], d["read"]["peak_rss_mb"]) for db, d in dbs.items()},
+        "incremental_vs_full": {db: _ratio(d["incremental"]["seconds"], d["plan"]["seconds"]) for db, d in dbs.items()},
+        "commit_1m_vs_100k": {db: _ratio(d["commit_big"]["seconds"], d["commit_small"]["seconds"])
+                              for db, d in dbs.items()},
+        "push_fraction_of_limit": {v: p["fraction_of_limit"] if not p["throttled"] else 0.0
+                                   for v, p in raw["push"].items()},
+    }
+    if "tencent_im" in raw["push"]:
+        out["tencent_batch_fill"] = raw["push"]["tencent_im"]["batch_fill"]
+    if "scale" in raw:
+        out["peak_rss_10m_mb"] = round(raw["scale"]["plan"]["peak_rss_mb"])
+    out["met"] = {k: all(TARGETS[k][2](x) for x in (v.values() if isinstance(v, dict) else [v]))
+                  for k, v in out.items()}
+    out["raw"] = raw
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("inf")
+
+
+def table(results: dict) -> str:
+    raw = results["raw"]
+    lines = ["| target | measured | goal | met |", "| --- | --- | --- | --- |"]
+    for key, (what, goal, _) in TARGETS.items():
+        if key not in results:
+            continue
+        v = results[key]
+        shown = ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+        lines.append(f"| `{key}`: {what} | {shown} | {goal} | {'yes' if results['met'][key] else '**no**'} |")
+    m = raw["machine"]
+    lines.append("")
+    lines.append(f"Mode `{raw['mode']}`: {raw['users']:,} users (commit: {raw['small_users']:,}; scale: "
+                 f"{raw['scale_users']:,}), {m['cpus']} CPUs, load average {m['load_before'][0]:.2f} before and "
+                 f"{m['load_after'][0]:.2f} after, {m['minutes']} min, {m['date']}.")
+    return "\n".join(lines)
+
+
+def details(results: dict) -> str:
+    raw = results["raw"]
+    rows = ["| database | phase | seconds | peak RSS (MB) | rows |", "| --- | --- | --- | --- | --- |"]
+    for db, d in raw["databases"].items():
+        for phase, r in d.items():
+            rows.append(f"| {db} | {phase} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r.get('rows', r.get('delivered', ''))} |")
+    if "scale" in raw:
+        r = raw["scale"]["plan"]
+        rows.append(f"| postgresql | plan, {raw['scale_users']:,} users | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['rows']} |")
+    rows += ["", "| vendor | users | requests | seconds | rate | limit | fraction | throttled |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v, p in raw["push"].items():
+        rows.append(f"| {v} | {p['users']} | {p['requests']} | {p['seconds']} | {p['rate']} {p['unit']} | "
+                    f"{p['limit']:.1f} | {p['fraction_of_limit']} | {p['throttled']} |")
+    return "\n".join(rows)
+
+
+def readme(results: dict, path: Path, start: str = "<!-- bench:start -->", end: str = "<!-- bench:end -->") -> None:
+    """Put the table between the README's bench markers."""
+    text = path.read_text()
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table(results) + "\n" + end + rest.split(end, 1)[1])
+
+
+def write(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        chart(results, out / "results.png")
+    except ImportError:  # matplotlib comes with the bench extra; the tests' smoke run may lack it
+        pass
+    (out / "results.md").write_text(
+        "# usersync benchmarks\n\nWritten by `make bench` (`python -m bench`); every target is a ratio "
+        "measured in the same run.\n\n" + table(results) + "\n\n![targets](results.png)\n\n## Phases\n\n"
+        + details(results) + "\n")
+
+
+def chart(results: dict, path: Path) -> None:
+    """One bar per measured ratio, each scaled to its goal (<= 1 is inside the goal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    goals = {"plan_vs_read_time": 1.5, "plan_vs_read_memory": 2.0, "incremental_vs_full": 0.10,
+             "commit_1m_vs_100k": 1.5}
+    labels, values = [], []
+    for key, goal in goals.items():
+        for db, x in results.get(key, {}).items():
+            labels.append(f"{key}\n{db}")
+            values.append(x / goal)
+    for vendor, x in results.get("push_fraction_of_limit", {}).items():
+        labels.append(f"push {vendor}")
+        values.append(0.95 / x if x else 2.0)  # higher is better: show goal / value
+    if "tencent_batch_fill" in results:
+        labels.append("tencent batch fill")
+        values.append(0.99 / results["tencent_batch_fill"])
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ax.barh(labels, values, color=["#2a9d8f" if v <= 1 else "#e76f51" for v in values])
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("measured / goal (left of the dashed line: target met)")
+    ax.set_title(f"usersync benchmarks ({results['raw']['mode']}, {results['raw']['users']:,} users)")
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
