@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for db, server in servers.items():
         raw["databases"][db] = database(db, server, work, users, small)
     if "postgresql" in servers:
-        raw["scale"] = scaled(args.postgres, work, users, scale)
+        raw["scale"] = scaled(args.postgres, work, small, scale)
     raw["push"] = {v: _child("bench.push", v, str(work), str(push_scale)) for v in args.vendors.split(",") if v}
     raw["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load,
                       "load_after": os.getloadavg(), "minutes": round((time.time() - started) / 60, 1),
@@ -93,7 +93,8 @@ def database(db: str, server: str | None, work: Path, users: int, small: int) ->
 
 
 def scaled(server: str, work: Path, template: int, users: int) -> dict:
-    """10M users on PostgreSQL: the template users seeded by a real run, the rest copied in SQL."""
+    """10M users on PostgreSQL: ``template`` users seeded by a real run, the rest copies of
+    them under new ids, their snapshot rows copied in SQL."""
     url = _fresh("postgresql", server, work, "scale")
     spec = warehouse.sync(SYNC, cursor=True)
     warehouse.create(url, template)

@@ -1,7 +1,7 @@
 """One measured phase in a fresh process: ``python -m bench.phase '<json>'`` prints a JSON line.
 
 The line holds ``seconds`` (the phase's wall time, setup excluded) and ``peak_rss_mb``
-(this process's peak RSS from ``getrusage``, so phases never pollute each other).
+(this process's own peak RSS, so phases never pollute each other).
 With ``"profile": path`` the phase runs under pyinstrument and writes an HTML report.
 """
 
@@ -56,13 +56,22 @@ def plan(url: str, spec: dict, workdir: str, **_) -> dict:
 
 
 def seed(url: str, spec: dict, workdir: str, **_) -> dict:
-    """A real first run without HTTP: plan everyone, then record every user as delivered
-    through the push's own commit path (``push._delivered``), and finalize (cursor advances)."""
+    """A real first run without HTTP: plan everyone (staged), write every staged payload to
+    the snapshot with the function a push uses (``state.upsert_snapshot``), mark the plan
+    delivered and finalize (the cursor advances)."""
     sync = open_sync(url, spec, workdir)
     t0 = time.perf_counter()
     run_id = engine.begin(sync, mode="incremental", trigger="bench")
     p = engine.plan(sync, run_id)
-    _commit_all(sync, run_id, group=5000)
+    plan = state.plan
+    with sync.state.connect() as c:
+        rows = c.execution_options(stream_results=True, yield_per=50_000).execute(
+            sa.select(plan.c.user_key, plan.c.payload, plan.c.row_hash).where(plan.c.run_id == run_id))
+        for part in rows.partitions(50_000):
+            with sync.state.begin() as w:
+                state.upsert_snapshot(w, sync.spec.name, run_id, [(k, json.loads(v), h) for k, v, h in part])
+    with sync.state.begin() as c:
+        c.execute(plan.update().where(plan.c.run_id == run_id).values(status="delivered"))
     summary = engine.finalize(sync, run_id)
     return {"seconds": time.perf_counter() - t0, "rows": p.users_read, "delivered": summary.users_delivered}
 
@@ -116,8 +125,20 @@ def main(arg: str) -> None:
         Path(job["profile"]).write_text(prof.output_html())
     else:
         out = fn(**job)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: the peak of this process's own memory. ``getrusage``'s ru_maxrss would not do:
+    Linux carries it over fork and exec, so a child starts with its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

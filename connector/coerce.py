@@ -284,6 +284,13 @@ def _show(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def decode_column(coercer: Coercer, values: pd.Series) -> list[Any]:
+    """:func:`decode` of a whole column of wire values (lists parsed once per distinct text)."""
+    if coercer.kind == "list":
+        return _each_distinct(values, lambda v: decode(coercer, v), True).tolist()
+    return values.astype(object).where(values.notna(), None).tolist()  # nullable arrays give Python scalars
+
+
 def decode(coercer: Coercer, value: Any) -> Any:
     """A wire value as it goes into JSON (lists back from their canonical text)."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):

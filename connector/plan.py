@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from pandas.core.util.hashing import combine_hash_arrays
 
 from connector import extract, state
-from connector.coerce import _is_text, decode
+from connector.coerce import _is_text, decode_column
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
 
@@ -150,8 +150,10 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     old = state.snapshot_payloads(sync.state, spec.name, cand.index[known[moved]])
     staged, settled = [], []
     src_ids = frame.loc[cand.index, list(id_cols.values())]
-    for key, row, h, ident_row in zip(cand.index, cand.to_dict("records"), row_hash[moved],
-                                      src_ids.itertuples(index=False)):
+    names = list(cand.columns)
+    decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
+    for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
+                                      row_hash[moved], src_ids.itertuples(index=False)):
         before = old.get(key)
         ops, payload = _ops(sync, row, before, full=mode == "full")
         if before is not None:
@@ -303,13 +305,13 @@ def _positions(sorted_: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
-    """The ops that bring the vendor from ``before`` (last delivered) to ``row``."""
+    """The ops that bring the vendor from ``before`` (last delivered) to ``row`` (decoded values)."""
     payload = dict(before or {})
     ops: list[tuple[str, Op, Any]] = []
     for attr in sync.spec.mapping:
         name = attr.attribute
         rule = sync.vendor_cls.rules[attr.rule]
-        new = decode(sync.coercers[name], row[name])
+        new = row[name]
         old = payload.get(name, MISSING)
         if new is None:
             if old is MISSING or old is None or attr.null == "skip" or rule == "once":
