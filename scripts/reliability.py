@@ -1,6 +1,6 @@
 """The RELIABILITY figures: run the fault matrix and the bad-input catalogue (and the crash
 loops, when ``tests/crash_harness.py`` is there), print them as markdown, write
-``reliability.json`` — and with ``--readme``, put the markdown into README.md between its
+``scripts/reliability.json`` — and with ``--readme``, put the markdown into README.md between its
 reliability markers.
 
     .venv/bin/python scripts/reliability.py [--readme] [--skip-crash]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"faults": faults, "bad_inputs": inputs, "crash": None if args.skip_crash else crash(),
                "measured": time.strftime("%Y-%m-%d"), "seconds": time.monotonic() - t0}
     text = markdown(figures)
-    (ROOT / "reliability.json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
+    (ROOT / "scripts" / "reliability.json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
     print(text)
     if args.readme:
         readme = ROOT / "README.md"
