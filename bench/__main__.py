@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -33,6 +34,7 @@ SIZES = {  # users, small users, scale users, push scale
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 SYNC = "bench_users"
 PROFILE: Path | None = None
+RUN = uuid.uuid4().hex[:8]  # database names of this run: runs at once (a test's smoke run) never collide
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +138,7 @@ def _fresh(db: str, server: str | None, work: Path, label: str) -> str:
         path = work / f"{label}.db"
         path.unlink(missing_ok=True)
         return f"sqlite:///{path}"
-    name = f"usersync_bench_{label}"
-    _drop(db, server, name)
+    name = f"usersync_bench_{RUN}_{label}"
     with _admin(server) as c:
         c.execute(sa.text(f"CREATE DATABASE {name}"))
     return sa.make_url(server).set(database=name).render_as_string(hide_password=False)
