@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pandas as pd
 import sqlalchemy as sa
@@ -78,6 +79,26 @@ def read(
         else:
             cond = sa.tuple_(*[src.c[c] for c in id_cols]).in_([tuple(p[c] for c in id_cols) for p in part])
         yield from _chunks(engine, base.where(cond), size)
+
+
+T = TypeVar("T")
+
+
+def ahead(chunks: Iterator[T]) -> Iterator[T]:
+    """``chunks``, each next one read on a worker thread while the caller works on this one.
+
+    The driver waits for the database without holding the GIL, so reading and planning
+    overlap. The iterator is only ever advanced (and closed) on that one thread, so the
+    connection it holds stays on the thread that opened it.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="usersync-read") as pool:
+        try:
+            pending = pool.submit(next, chunks, None)
+            while (chunk := pending.result()) is not None:
+                pending = pool.submit(next, chunks, None)
+                yield chunk
+        finally:
+            pool.submit(getattr(chunks, "close", lambda: None)).result()
 
 
 def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:

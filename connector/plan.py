@@ -1,11 +1,12 @@
 """Plan a run: extract -> map -> diff against the snapshot -> stage the deltas.
 
-Mapping coerces every mapped column to the vendor's wire type, a column at a time;
-a row that cannot be coerced sets its user aside with a reason. The diff runs in two
-passes: a 64-bit hash of each user's mapped row against the snapshot's (unchanged users
-cost one comparison), then, for users whose hash moved, attribute by attribute against
-the last *delivered* payload, which decides the ops each update rule needs. The result
-is staged in ``sync_plan`` so pushes (one process or many Airflow workers) read it by shard.
+The diff runs in two passes. First a 64-bit hash of each user's source row (and the
+mapping) against the snapshot's: unchanged users cost one hash and one comparison and
+are never coerced. The users whose hash moved are mapped (every mapped column coerced to
+the vendor's wire type, a column at a time; a row that cannot be coerced sets its user
+aside with a reason), then compared attribute by attribute against the last *delivered*
+payload, which decides the ops each update rule needs. The result is staged in
+``sync_plan`` so pushes (one process or many Airflow workers) read it by shard.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from pandas.core.util.hashing import combine_hash_arrays
 
-from connector import extract, state
+from connector import extract, rowhash, state
 from connector.coerce import _is_text, decode_column
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
@@ -75,7 +75,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
     else:
-        chunks = extract.read(sync.warehouse, sync.source, spec, since=since, window=window)
+        chunks = extract.ahead(extract.read(sync.warehouse, sync.source, spec, since=since, window=window))
     for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
         plan.users_read += len(frame)
         if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
@@ -127,33 +127,33 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     seen.add(digests[usable])
     frame = frame[usable]
 
-    # map: coerce every attribute; the first bad value rejects the user
+    # diff, first pass: hash of the source row against the snapshot's
+    row_hash = rowhash.row_hashes(frame, [a.column for a in spec.mapping], _fingerprint(sync))
+    known, old_hash = hashes.lookup(frame.index.to_numpy())
+    moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(frame), dtype=bool)
+    frame, row_hash, known = frame[moved], row_hash[moved], known[moved]
+
+    # map the moved rows: coerce every attribute; the first bad value rejects the user
     wire = {}
     for attr in spec.mapping:
         values, errors = sync.coercers[attr.attribute](frame[attr.column], attr.attribute)
         wire[attr.attribute] = values
         for k, reason in errors.dropna().items():
             invalid.setdefault(k, reason)
-    wire = pd.DataFrame(wire, index=frame.index)
+    cand = pd.DataFrame(wire, index=frame.index)
     rejected = [(k, _source_identity(frame, k, id_cols), "invalid", None, why) for k, why in invalid.items()]
     if invalid:
-        bad = wire.index.isin(list(invalid))
-        wire, frame = wire[~bad], frame[~bad]
-
-    # diff, first pass: hash of the mapped row against the snapshot's
-    row_hash = _row_hash(wire)
-    known, old_hash = hashes.lookup(wire.index.to_numpy())
-    moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(wire), dtype=bool)
+        good = ~cand.index.isin(list(invalid))
+        cand, frame, row_hash, known = cand[good], frame[good], row_hash[good], known[good]
 
     # second pass: attribute by attribute against the last delivered payload
-    cand = wire[moved]
-    old = state.snapshot_payloads(sync.state, spec.name, cand.index[known[moved]])
+    old = state.snapshot_payloads(sync.state, spec.name, cand.index[known])
     staged, settled = [], []
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     names = list(cand.columns)
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
-                                      row_hash[moved], src_ids.itertuples(index=False)):
+                                      row_hash, src_ids.itertuples(index=False)):
         before = old.get(key)
         ops, payload = _ops(sync, row, before, full=mode == "full")
         if before is not None:
@@ -194,21 +194,9 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         state.record_failures(c, spec.name, plan.run_id, rejected)
 
 
-def _row_hash(wire: pd.DataFrame) -> np.ndarray:
-    """``hash_pandas_object`` of each row as text (``str(value)``; NULL stays missing), with
-    each column's text made and hashed once per distinct value."""
-    columns = []
-    for _, s in wire.items():
-        if pd.api.types.is_float_dtype(s):  # factorize would merge 0.0 and -0.0
-            columns.append(_text_hash(s.astype(object).where(s.notna(), None)))
-            continue
-        codes, uniques = pd.factorize(s)
-        columns.append(_text_hash(pd.Series([*uniques.astype(object), None], dtype=object))[codes])  # -1: NULL
-    return combine_hash_arrays(iter(columns), len(columns)).view(np.int64)
-
-
-def _text_hash(values: pd.Series) -> np.ndarray:
-    return pd.util.hash_pandas_object(values.astype(str), index=False).to_numpy()
+def _fingerprint(sync) -> str:
+    """What the wire form of a source row depends on: moves every row hash when it changes."""
+    return repr([(a.column, a.attribute, a.rule, sync.coercers[a.attribute]) for a in sync.spec.mapping])
 
 
 def digest(keys: np.ndarray) -> np.ndarray:
