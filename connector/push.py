@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
+import operator
 import random
 import threading
 import time
@@ -35,7 +37,7 @@ from connector.transport import RateLimiter, Transport
 from connector.vendors.base import Change, Kind, Op, Verdict, transport_verdict
 
 log = logging.getLogger("usersync.push")
-READ_CHUNK = 5000
+READ_CHUNK = 1000  # plan rows read at a time, while the previous ones' requests are out
 
 
 @dataclasses.dataclass
@@ -53,6 +55,8 @@ class _Job:
     attempts: int = 0
     not_before: float = 0.0
     intended: frozenset[str] = frozenset()  # non-idempotent attributes marked ``sending`` so far
+    staged: dict | None = None  # key -> _Staged, for the batch's users (its plan chunk's)
+    shape: list | None = None  # (attributes) of each request part: how many parts, what each carries
 
 
 @dataclasses.dataclass
@@ -68,12 +72,29 @@ class _Sent:
 
 
 class _Staged:
-    """What the plan holds for a user beyond the change itself."""
+    """What the plan holds for a user beyond the change itself.
 
-    __slots__ = ("source_identity", "payload", "before", "row_hash")
+    Kept as the plan's JSON text: a delivered user's payload goes into the snapshot as
+    that very text; only a failure needs the decoded values (:attr:`payload`, ...).
+    """
 
-    def __init__(self, source_identity, payload, before, row_hash):
-        self.source_identity, self.payload, self.before, self.row_hash = source_identity, payload, before, row_hash
+    __slots__ = ("source_identity_json", "payload_json", "before_json", "row_hash")
+
+    def __init__(self, source_identity_json: str, payload_json: str, before_json: str, row_hash: int):
+        self.source_identity_json, self.payload_json = source_identity_json, payload_json
+        self.before_json, self.row_hash = before_json, row_hash
+
+    @property
+    def source_identity(self) -> dict:
+        return json.loads(self.source_identity_json)
+
+    @property
+    def payload(self) -> dict:
+        return json.loads(self.payload_json)
+
+    @property
+    def before(self) -> dict:
+        return json.loads(self.before_json)
 
 
 def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResult:
@@ -86,21 +107,45 @@ def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResu
     limiter = RateLimiter(cfg.rate_limit or vendor.rate_limit)
     result = PushResult()
     stop = threading.Event()
-    prepared = False
+    feed = _Feed(sync, run_id, shard, vendor, transport)
     try:
         with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
-            for changes, staged in _pending(sync, run_id, shard):
-                if not prepared:  # only when there is something to send: no change, no request
-                    vendor.prepare(transport.session, sync.spec)
-                    prepared = True
-                jobs = deque(_Job(b) for b in vendor.batches(changes))
-                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, jobs, staged, stop,
-                       concurrency, result, progress)
-                if stop.is_set():
-                    break
+            _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, concurrency, result,
+                   progress)
     finally:
+        if feed.frozen:
+            gc.unfreeze()
         transport.close()
     return result
+
+
+class _Feed:
+    """The pending plan as jobs, read a chunk at a time as the queue runs low — while the
+    previous chunk's requests are still out, so reading never leaves the vendor idle."""
+
+    def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport):
+        self.sync, self.vendor, self.transport = sync, vendor, transport
+        self.chunks = _pending(sync, run_id, shard)
+        self.jobs: deque[_Job] = deque()
+        self.more, self.prepared, self.frozen = True, False, False
+
+    def fill(self) -> bool:
+        """Queue the next chunk's batches; False when the plan has no more."""
+        if not self.more:
+            return False
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.more = False
+            return False
+        changes, staged = chunk
+        if not self.prepared:  # only when there is something to send: no change, no request
+            self.vendor.prepare(self.transport.session, self.sync.spec)
+            self.prepared = True
+            if len(changes) == READ_CHUNK:  # a long push: nothing in flight yet, see _keep_old_objects
+                _keep_old_objects()
+                self.frozen = True
+        self.jobs.extend(_Job(b, staged=staged) for b in self.vendor.batches(changes))
+        return True
 
 
 _p = state.plan
@@ -122,12 +167,31 @@ def _pending(sync, run_id: int, shard: int | None):
         last = rows[-1][0]
 
 
+_OPS = {op.value: op for op in Op}
+_first = operator.itemgetter(0)
+
+
 def _load(rows) -> tuple[list[Change], dict[str, _Staged]]:
-    changes, staged = [], {}
-    for key, ident, src, ops, payload, before, h in rows:
-        changes.append(Change(key, json.loads(ident), tuple((a, Op(o), v) for a, o, v in json.loads(ops))))
-        staged[key] = _Staged(json.loads(src), json.loads(payload), json.loads(before), h)
-    return changes, staged
+    if not rows:
+        return [], {}
+    # a chunk's identities, and its ops, in one decode each (a call per value costs more than the parsing)
+    idents = json.loads("[" + ",".join([r[1] for r in rows]) + "]")
+    opss = json.loads("[" + ",".join([r[3] for r in rows]) + "]")
+    try:
+        changes = [Change(r[0], i, tuple([(a, _OPS[o], v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
+    except KeyError:  # not an op name: let Op say so
+        changes = [Change(r[0], i, tuple([(a, Op(o), v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
+    return changes, {r[0]: _Staged(r[2], r[4], r[5], r[6]) for r in rows}
+
+
+def _keep_old_objects() -> None:
+    """Keep the objects alive before a long push (modules, the plan's leftovers) out of the
+    cyclic collector's sight until it ends (``gc.unfreeze``): every few chunks of staged
+    users promote enough objects to set off a full collection, which would walk all of
+    them too (~40 ms a time, holding the GIL the workers need to send). Garbage is
+    collected first, so nothing already dead waits for the end of the push."""
+    gc.collect()
+    gc.freeze()
 
 
 IN_DOUBT = "the run stopped while this request was in flight; it may have been applied, so it is not re-sent"
@@ -156,14 +220,17 @@ def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
     return len(rows)
 
 
-def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, stop, concurrency, result, progress):
+def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, concurrency, result, progress):
     cfg = sync.spec.vendor
+    jobs = feed.jobs
     inflight: set[Future] = set()
     intend = functools.partial(_intend, sync, run_id)
     beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
-    while jobs or inflight:
+    while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
         limit = concurrency * 2 if result.requests else 1
+        while len(jobs) < limit and not stop.is_set() and feed.fill():
+            pass
         while jobs and len(inflight) < limit and not stop.is_set():
             inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg, intend))
         if not inflight:
@@ -171,10 +238,12 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, jobs, staged, 
         done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
         crashpoint("vendor_answered")
         with sync.state.begin() as conn:
+            writes = _Writes(sync, run_id)
             for fut in done:
                 sent = fut.result()
                 result.requests += sent.attempts - sent.job.attempts
-                _record(sync, conn, run_id, shard, sent, staged, jobs, stop, result, cfg.max_attempts)
+                _record(sync, conn, run_id, shard, sent, writes, jobs, stop, result, cfg.max_attempts)
+            writes.flush(conn)
         crashpoint("after_commit")
         if progress:
             progress.update(requests=result.requests, delivered=result.delivered,
@@ -197,17 +266,17 @@ def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: t
     delay = job.not_before - time.monotonic()
     if delay > 0:
         time.sleep(delay)
-    count = len(_parts(vendor, job.batch))
+    if job.shape is None:  # what each part carries; the parts themselves are built as they go
+        job.shape = [part.attributes for part in _parts(vendor, job.batch)]
     attempts, applied = job.attempts, frozenset()
-    for i in range(count):
-        sent = _send_part(job, i, vendor, transport, limiter, stop, cfg, attempts, intend)
+    for i, attrs in enumerate(job.shape):
+        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, cfg, attempts, intend)
         attempts = sent.attempts
         v = sent.verdict
-        if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == count - 1:
-            attrs = _parts(vendor, job.batch)[i].attributes
+        if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == len(job.shape) - 1:
             sent.applied, sent.failing = applied, (frozenset(attrs) if attrs is not None else None)
             return sent
-        applied |= frozenset(_parts(vendor, job.batch)[i].attributes or ())
+        applied |= frozenset(attrs or ())
     raise AssertionError("a batch must have at least one request")
 
 
@@ -216,8 +285,9 @@ def _parts(vendor, batch: list[Change]) -> list:
     return parts if isinstance(parts, list) else [parts]
 
 
-def _send_part(job: _Job, index: int, vendor, transport, limiter, stop, cfg, attempts: int, intend) -> _Sent:
-    carried = _parts(vendor, job.batch)[index].attributes  # None: the whole batch
+def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop, cfg, attempts: int,
+               intend) -> _Sent:
+    """``carried``: the attributes this part carries (None: the whole batch)."""
     risky = frozenset(a for c in job.batch for a, op, _ in c.ops if not op.idempotent and (carried is None or a in carried))
     idempotent = not risky
     while True:
@@ -254,62 +324,98 @@ def _backoff(base: float, attempt: int) -> float:
     return min(60.0, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
 
 
-def _record(sync, conn, run_id, shard, sent: _Sent, staged, jobs, stop, result: PushResult, max_attempts) -> None:
+def _record(sync, conn, run_id, shard, sent: _Sent, writes: _Writes, jobs, stop, result: PushResult,
+            max_attempts) -> None:
     """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
     v = sent.verdict
     batch = sent.job.batch
+    staged = sent.job.staged
     if v is None or v.kind is Kind.STOP or (v.kind is Kind.SPLIT and len(batch) > 1):
-        _mark(conn, run_id, [c.key for c in batch], "pending")  # not applied: no longer in flight
+        writes.mark([c.key for c in batch], "pending")  # not applied: no longer in flight
     if v is None:  # never sent (the run was stopped)
         return
     if v.kind is Kind.STOP:
         stop.set()
         result.stopped = f"{v.code}: {v.message}" if v.code else v.message
         log.error("vendor refused the run: %s", result.stopped)
-        _batch_row(conn, sync, run_id, shard, sent, "stopped")
+        writes.batch(shard, sent, "stopped")
         return
-    delivered, failed, retry_now = [], [], []
-    for change in batch:
-        kind, code, message = v.outcome(change.key)
-        if kind is Kind.DELIVERED:
-            delivered.append(change)
-        elif kind is Kind.SPLIT and len(batch) > 1:
-            continue  # handled below for the whole batch
-        elif kind is Kind.RETRY and v.per_user and sent.attempts < max_attempts and not stop.is_set():
-            retry_now.append(change)
-        elif kind is Kind.RETRY and v.ambiguous and not change.idempotent:
-            failed.append((change, "in_doubt", code, f"may have been applied; not re-sent: {message}"))
-        elif kind is Kind.RETRY:
-            failed.append((change, "retryable", code, message))
-        else:
-            failed.append((change, "rejected", code, message))
+    if v.kind is Kind.DELIVERED and not v.per_user:  # the usual answer: everyone acknowledged
+        delivered, failed, retry_now = batch, [], []
+    else:
+        delivered, failed, retry_now = [], [], []
+        for change in batch:
+            kind, code, message = v.outcome(change.key)
+            if kind is Kind.DELIVERED:
+                delivered.append(change)
+            elif kind is Kind.SPLIT and len(batch) > 1:
+                continue  # handled below for the whole batch
+            elif kind is Kind.RETRY and v.per_user and sent.attempts < max_attempts and not stop.is_set():
+                retry_now.append(change)
+            elif kind is Kind.RETRY and v.ambiguous and not change.idempotent:
+                failed.append((change, "in_doubt", code, f"may have been applied; not re-sent: {message}"))
+            elif kind is Kind.RETRY:
+                failed.append((change, "retryable", code, message))
+            else:
+                failed.append((change, "rejected", code, message))
     if v.kind is Kind.SPLIT and len(batch) > 1:
         half = len(batch) // 2
-        jobs.extend([_Job(batch[:half]), _Job(batch[half:])])  # a split is not a failed attempt
-        _batch_row(conn, sync, run_id, shard, sent, "split")
+        # a split is not a failed attempt
+        jobs.extend([_Job(batch[:half], staged=staged), _Job(batch[half:], staged=staged)])
+        writes.batch(shard, sent, "split")
         return
     if retry_now:
-        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
-        _mark(conn, run_id, [c.key for c in retry_now], "pending")
+        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5), staged=staged))
+        writes.mark([c.key for c in retry_now], "pending")
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
                "retry" if retry_now and not failed else
                "rejected" if all(f[1] == "rejected" for f in failed) else "failed")
-    _batch_row(conn, sync, run_id, shard, sent, outcome)
-    _delivered(conn, sync, run_id, delivered, staged)
+    writes.batch(shard, sent, outcome)
+    writes.delivered(delivered, staged)
     _failed(conn, sync, run_id, failed, staged, sent)
     result.delivered += len(delivered)
     result.rejected += sum(1 for f in failed if f[1] == "rejected")
     result.failed += sum(1 for f in failed if f[1] != "rejected")
 
 
+class _Writes:
+    """The batch rows, delivered users and plan statuses of the requests that finished
+    together, written with one statement each (per 500 keys) in their transaction."""
+
+    def __init__(self, sync, run_id: int):
+        self.sync, self.run_id = sync, run_id
+        self.batches: list[dict] = []
+        self.snapshot: list[tuple[str, str, int]] = []  # (key, payload as the plan's JSON text, row hash)
+        self.marks: dict[str, list[str]] = {}
+
+    def batch(self, shard: int, sent: _Sent, outcome: str) -> None:
+        self.batches.append(_batch_values(self.sync, self.run_id, shard, sent, outcome))
+
+    def mark(self, keys: list[str], status: str) -> None:
+        self.marks.setdefault(status, []).extend(keys)
+
+    def delivered(self, changes: list[Change], staged: dict[str, _Staged]) -> None:
+        for c in changes:
+            s = staged[c.key]
+            self.snapshot.append((c.key, s.payload_json, s.row_hash))
+        self.mark([c.key for c in changes], "delivered")
+
+    def flush(self, conn) -> None:
+        if self.batches:
+            conn.execute(state.batches.insert(), self.batches)
+        if self.snapshot:  # the snapshot moves only for the users the vendor acknowledged
+            state.upsert_snapshot(conn, self.sync.spec.name, self.run_id, self.snapshot)
+            state.clear_failures(conn, self.sync.spec.name, [k for k, _, _ in self.snapshot])
+        for status, keys in self.marks.items():
+            _mark(conn, self.run_id, keys, status)
+
+
 def _delivered(conn, sync, run_id, changes: list[Change], staged) -> None:
-    if not changes:
-        return
-    keys = [c.key for c in changes]
-    state.upsert_snapshot(conn, sync.spec.name, run_id, [(k, staged[k].payload, staged[k].row_hash) for k in keys])
-    state.clear_failures(conn, sync.spec.name, keys)
-    _mark(conn, run_id, keys, "delivered")
+    """Record users the vendor acknowledged (what a flush does for them; bench.phase times it)."""
+    writes = _Writes(sync, run_id)
+    writes.delivered(changes, staged)
+    writes.flush(conn)
 
 
 def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
@@ -329,8 +435,9 @@ def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
                         and (sent.failing is None or a in sent.failing)}
         if applied:
             s = staged[change.key]
+            payload = s.payload
             kept = {a: v for a, v in s.before.items() if a not in applied}
-            kept.update({a: s.payload[a] for a in applied if a in s.payload})
+            kept.update({a: payload[a] for a in applied if a in payload})
             partial.append((change.key, kept, 0))  # hash 0: the next run diffs this user again
     state.upsert_snapshot(conn, sync.spec.name, run_id, partial)
     state.record_failures(conn, sync.spec.name, run_id, [
@@ -345,11 +452,18 @@ def _mark(conn, run_id: int, keys: list[str], status: str) -> None:
 
 
 def _batch_row(conn, sync, run_id, shard, sent: _Sent, outcome: str) -> None:
+    conn.execute(state.batches.insert().values(**_batch_values(sync, run_id, shard, sent, outcome)))
+
+
+def _batch_values(sync, run_id, shard, sent: _Sent, outcome: str) -> dict:
     v = sent.verdict
     batch = sent.job.batch
-    attrs = sorted({a for c in batch for a, _, _ in c.ops})
-    conn.execute(state.batches.insert().values(
+    names: set[str] = set()
+    for c in batch:
+        names.update(map(_first, c.ops))
+    attrs = sorted(names)
+    return dict(
         run_id=run_id, sync=sync.spec.name, shard=shard, users=len(batch), first_user=batch[0].key,
         attributes=",".join(attrs)[:2000], http_status=sent.http_status, vendor_code=v.code,
         vendor_message=(v.message or "")[:2000], attempts=sent.attempts, latency_ms=sent.latency_ms,
-        outcome=outcome, sent_at=sent.sent_at or state.now()))
+        outcome=outcome, sent_at=sent.sent_at or state.now())

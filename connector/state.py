@@ -7,6 +7,7 @@ SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL/Mari
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import socket
@@ -212,17 +213,42 @@ def snapshot_payloads(engine: Engine, sync: str, keys: Iterable[str]) -> dict[st
 
 
 def upsert_snapshot(conn: sa.Connection, sync: str, run_id: int | None,
-                    rows: list[tuple[str, dict[str, Any], int]]) -> None:
-    """Write delivered payloads: delete then insert, portable across dialects."""
+                    rows: list[tuple[str, dict[str, Any] | str, int]]) -> None:
+    """Write delivered payloads (a payload given as text is its JSON already, as staged).
+
+    One upsert statement where the dialect has one (SQLite, PostgreSQL, MySQL/MariaDB);
+    elsewhere delete then insert, portable across dialects.
+    """
     if not rows:
         return
-    keys = [k for k, _, _ in rows]
-    for chunk in chunked(keys, 500):
-        conn.execute(snapshot.delete().where(snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk)))
     ts = now()
-    conn.execute(snapshot.insert(), [
-        {"sync": sync, "user_key": k, "payload": dumps(p), "row_hash": h, "run_id": run_id, "updated_at": ts}
-        for k, p, h in rows])
+    values = [{"sync": sync, "user_key": k, "payload": p if isinstance(p, str) else dumps(p), "row_hash": h,
+               "run_id": run_id, "updated_at": ts} for k, p, h in rows]
+    stmt = _snapshot_upsert(conn.dialect.name)
+    if stmt is None:
+        for chunk in chunked([k for k, _, _ in rows], 500):
+            conn.execute(snapshot.delete().where(snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk)))
+        stmt = snapshot.insert()
+    conn.execute(stmt, values)
+
+
+_UPSERTED = ("payload", "row_hash", "run_id", "updated_at")
+
+
+@functools.cache
+def _snapshot_upsert(dialect: str):
+    """The dialect's insert-or-overwrite of a snapshot row (None: it has none we use)."""
+    if dialect == "sqlite":  # REPLACE: the old row is deleted, the new one inserted
+        return snapshot.insert().prefix_with("OR REPLACE")
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+        ins = postgresql.insert(snapshot)
+        return ins.on_conflict_do_update(index_elements=[snapshot.c.sync, snapshot.c.user_key],
+                                         set_={c: ins.excluded[c] for c in _UPSERTED})
+    if dialect in ("mysql", "mariadb"):
+        ins = mysql.insert(snapshot)
+        return ins.on_duplicate_key_update({c: ins.inserted[c] for c in _UPSERTED})
+    return None
 
 
 # -- failures ------------------------------------------------------------------------
