@@ -66,7 +66,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
     spec = sync.spec
     plan = Plan(run_id)
-    hashes = Snapshot(sync.state, spec.name)
+    hashes = Snapshot(sync.state, spec.name, whole=(since is None or not spec.cursor) and window is None and not user_ids)
     plan.snapshot_size = len(hashes)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
@@ -238,10 +238,11 @@ class Snapshot:
     A run that reads few users (incremental, by cursor) asks the table for their keys; once
     a run has read more than a twentieth of the snapshot, the whole of it is loaded as sorted
     arrays (a 16-byte key digest and the row hash: 24 bytes a user) and looked up in memory.
+    A full scan (``whole``) loads it at its first lookup.
     """
 
-    def __init__(self, engine, sync: str):
-        self.engine, self.sync = engine, sync
+    def __init__(self, engine, sync: str, *, whole: bool = False):
+        self.engine, self.sync, self.whole = engine, sync, whole
         s = state.snapshot
         with engine.connect() as c:
             self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
@@ -254,7 +255,7 @@ class Snapshot:
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(known, row hash or 0) for each key."""
         self.read += len(keys)
-        if self.digests is None and self.read <= self.size / 20:
+        if self.digests is None and not self.whole and self.read <= self.size / 20:
             s = state.snapshot
             found: dict[str, int] = {}
             with self.engine.connect() as c:
@@ -274,12 +275,11 @@ class Snapshot:
         s = state.snapshot
         digests, hashes = [np.empty(0, dtype="S16")], [np.empty(0, dtype=np.int64)]
         with self.engine.connect() as c:
-            rows = c.execution_options(stream_results=True, yield_per=batch).execute(
-                sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == self.sync))
-            for part in rows.partitions(batch):
-                keys, values = zip(*part)
-                digests.append(digest(np.array(keys, dtype=object)))
-                hashes.append(np.array(values, dtype=np.int64))
+            c = c.execution_options(stream_results=True, yield_per=batch)
+            query = sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == self.sync)
+            for part in pd.read_sql(query, c, chunksize=batch, coerce_float=False):
+                digests.append(digest(part["user_key"].to_numpy(dtype=object)))
+                hashes.append(part["row_hash"].to_numpy(dtype=np.int64))
         all_digests = np.concatenate(digests)
         order = np.argsort(all_digests)
         self.digests, self.row_hashes = all_digests[order], np.concatenate(hashes)[order]

@@ -43,7 +43,6 @@ def row_hashes(frame: pd.DataFrame, columns: list[str], fingerprint: str) -> np.
 
 
 def column_hashes(s: pd.Series) -> np.ndarray:
-    null = s.isna().to_numpy()
     dtype = s.dtype
     if pd.api.types.is_bool_dtype(dtype):
         out = np.where(s.fillna(False).to_numpy(dtype=bool), TRUE, FALSE)
@@ -57,17 +56,21 @@ def column_hashes(s: pd.Series) -> np.ndarray:
         micros = s.to_numpy(dtype="datetime64[us]").view(np.int64)
         out = pd.util.hash_array(micros) ^ np.uint64(0x5DA7E)  # apart from the integer of the same value
     else:  # text, or objects: str() of each distinct value
-        values = s.to_numpy(dtype=object, na_value=None)
-        try:
-            codes, uniques = pd.factorize(values)
-        except TypeError:  # lists or dicts (JSON, arrays): their text
-            codes, uniques = None, values
-        if codes is None or len(uniques) * 2 > len(values):  # mostly distinct (ids, emails): hash each
-            out = _texts(values)
-        else:
-            out = np.append(_texts(uniques), NULL)[codes]  # code -1: NULL
-    out[null] = NULL
+        return _objects(s.to_numpy(dtype=object))
+    out[s.isna().to_numpy()] = NULL
     return out
+
+
+def _objects(values: np.ndarray) -> np.ndarray:
+    try:
+        codes, uniques = pd.factorize(values)  # NULLs (None, NaN, NA) get code -1
+    except TypeError:  # lists or dicts (JSON, arrays): their text
+        codes, uniques = None, values
+    if codes is None or len(uniques) * 2 > len(values):  # mostly distinct (ids, emails): hash each
+        out = _texts(values)
+        out[pd.isna(values)] = NULL
+        return out
+    return np.append(_texts(uniques), NULL)[codes]  # code -1: NULL
 
 
 def _floats(x: np.ndarray) -> np.ndarray:
