@@ -60,13 +60,13 @@ def read(
     if spec.cursor is not None:
         cur = src.c[spec.cursor]
         if since is not None:
-            base = base.where(cur >= _bind(cur, since))
+            base = base.where(cur >= _bind(cur, since, engine.dialect.name))
         if window is not None:
             start, end = window
             if start is not None:
-                base = base.where(cur >= _bind(cur, start))
+                base = base.where(cur >= _bind(cur, start, engine.dialect.name))
             if end is not None:
-                base = base.where(cur < _bind(cur, end))
+                base = base.where(cur < _bind(cur, end, engine.dialect.name))
     size = chunk_size or spec.chunk_size
     if identities is None:
         yield from _chunks(engine, base, size)
@@ -107,17 +107,20 @@ def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFram
         yield from pd.read_sql(query, conn, chunksize=size, coerce_float=False)
 
 
-def _bind(col: sa.ColumnElement, value: Any) -> Any:
-    """Compare like with like: datetimes against text columns as 'YYYY-MM-DD HH:MM:SS'."""
+def _bind(col: sa.ColumnElement, value: Any, dialect: str) -> Any:
+    """Compare like with like: a datetime watermark against a column that holds text (a text
+    column, or any datetime column on SQLite) as 'YYYY-MM-DD HH:MM:SS'. Whole seconds: rows
+    written without a fraction ('12:05:00', as most tools write them) are not below
+    '12:05:00.000000', so a row that shares the watermark's second is always read again."""
     if isinstance(value, dt.datetime):
         try:
             python_type = col.type.python_type
         except NotImplementedError:
             python_type = None
-        if python_type is str:
+        if python_type is str or (python_type is dt.datetime and dialect == "sqlite"):
             if value.tzinfo is not None:
                 value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-            return value.strftime("%Y-%m-%d %H:%M:%S")
+            return sa.literal(value.strftime("%Y-%m-%d %H:%M:%S"), sa.String())
         if python_type is dt.datetime and value.tzinfo is not None and not getattr(col.type, "timezone", False):
             return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return value

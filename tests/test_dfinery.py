@@ -94,6 +94,24 @@ def test_cursor_reads_only_new_rows_and_keeps_boundary_rows(setup, dfinery):
     assert run(cfg, "dfinery_users").requests == 0
 
 
+def test_boundary_rows_kept_as_text_without_fractions_are_not_lost(setup, dfinery):
+    """SQLite holds datetimes as text; rows written by other tools carry no '.000000'. A row
+    committed late with exactly the watermark's value must still be read next run."""
+    cfg, rows, url = setup
+    if not url.startswith("sqlite"):
+        pytest.skip("only SQLite keeps datetimes as text")
+    later = (T0 + dt.timedelta(minutes=5)).strftime("%Y-%m-%d %H:%M:%S")
+    change = sa.text("UPDATE users SET plan = :plan, updated_at = :t WHERE user_id = :u")
+    with sa.create_engine(url).begin() as c:
+        c.execute(change, {"plan": "pro-max", "t": later, "u": "u00005"})
+    assert run(cfg, "dfinery_users").users_delivered == N  # the watermark is now `later`
+    with sa.create_engine(url).begin() as c:
+        c.execute(change, {"plan": "gold", "t": later, "u": "u00006"})
+    second = run(cfg, "dfinery_users")
+    assert second.users_read == 2 and second.users_delivered == 1
+    assert dfinery.emulator.state()["u00006"]["membership"] == "gold"
+
+
 def test_vendor_rejection_is_recorded_and_retried_next_run(setup, dfinery):
     cfg, rows, url = setup
     dfinery.emulator.add_fault("code", code="40001", match='"u00007"')
