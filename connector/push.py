@@ -167,7 +167,14 @@ def _pending(sync, run_id: int, shard: int | None):
         last = rows[-1][0]
 
 
-_OPS = {op.value: op for op in Op}
+class _OpNames(dict):
+    """Op by name, a dict lookup (an ``Op(name)`` call per op costs more than the parsing)."""
+
+    def __missing__(self, name):
+        return Op(name)  # not an op name: Op says so
+
+
+_OPS = _OpNames((op.value, op) for op in Op)
 _first = operator.itemgetter(0)
 
 
@@ -177,10 +184,7 @@ def _load(rows) -> tuple[list[Change], dict[str, _Staged]]:
     # a chunk's identities, and its ops, in one decode each (a call per value costs more than the parsing)
     idents = json.loads("[" + ",".join([r[1] for r in rows]) + "]")
     opss = json.loads("[" + ",".join([r[3] for r in rows]) + "]")
-    try:
-        changes = [Change(r[0], i, tuple([(a, _OPS[o], v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
-    except KeyError:  # not an op name: let Op say so
-        changes = [Change(r[0], i, tuple([(a, Op(o), v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
+    changes = [Change(r[0], i, tuple([(a, _OPS[o], v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
     return changes, {r[0]: _Staged(r[2], r[4], r[5], r[6]) for r in rows}
 
 

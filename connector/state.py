@@ -193,14 +193,6 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any]:
 
 
 # -- snapshot ------------------------------------------------------------------------
-def snapshot_hashes(engine: Engine, sync: str) -> dict[str, int]:
-    """user_key -> row hash for every user of a sync (the diff's first, cheap pass)."""
-    with engine.connect() as c:
-        rows = c.execution_options(stream_results=True, yield_per=100_000).execute(
-            sa.select(snapshot.c.user_key, snapshot.c.row_hash).where(snapshot.c.sync == sync))
-        return {k: h for k, h in rows}
-
-
 def snapshot_payloads(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The last delivered payloads of some users."""
     out: dict[str, dict[str, Any]] = {}

@@ -191,7 +191,6 @@ class Client(Vendor):
     rules = {"set": "set", "once": "once"}  # im_set_attr only overwrites
     null_policies = frozenset({"skip"})  # no null on the wire (values are strings); im_remove_attr not used
     max_users = MAX_USERS
-    # the token bucket's burst (rate/10) plus the rate stays under 100 in any 1-s window
     rate_limit = RATE_PER_SECOND * 0.97  # a margin under the vendor's fixed one-second window
     concurrency = 8
     default_base_url = "https://" + REGIONS[DEFAULT_REGION]
