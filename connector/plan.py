@@ -119,9 +119,11 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols.values()))
         plan.users_invalid += 1
     ok = ~bad_identity
-    ok_keys = pd.Series(keys[ok], dtype=object)
-    digests = digest(keys)
-    duplicates.update(ok_keys[ok_keys.duplicated(keep=False).to_numpy() | seen.contains(digests[ok])])
+    ok_keys, digests = keys[ok], digest(keys)
+    twice = pd.Series(digests[ok, 0]).duplicated(keep=False).to_numpy(copy=True)  # by the digests' first halves,
+    if twice.any():  # confirmed by the keys themselves
+        twice[twice] = pd.Series(ok_keys[twice], dtype=object).duplicated(keep=False).to_numpy()
+    duplicates.update(ok_keys[twice | seen.contains(digests[ok])])
     dup_mask = np.array([k in duplicates for k in keys]) if duplicates else np.zeros(len(keys), dtype=bool)
     usable = ok & ~dup_mask
     seen.add(digests[usable])
@@ -129,7 +131,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
 
     # diff, first pass: hash of the source row against the snapshot's
     row_hash = rowhash.row_hashes(frame, [a.column for a in spec.mapping], _fingerprint(sync))
-    known, old_hash = hashes.lookup(frame.index.to_numpy())
+    known, old_hash = hashes.lookup(frame.index.to_numpy(), digests[usable])
     moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(frame), dtype=bool)
     frame, row_hash, known = frame[moved], row_hash[moved], known[moved]
 
@@ -200,35 +202,70 @@ def _fingerprint(sync) -> str:
 
 
 def digest(keys: np.ndarray) -> np.ndarray:
-    """128-bit digests of user keys (two keyed SipHashes), as 16-byte strings that sort.
+    """128-bit digests of user keys (two keyed SipHashes): an (n, 2) array of uint64.
 
     The plan's memory per user is these 16 bytes (plus a row hash), not a Python string.
     """
     pair = np.empty((len(keys), 2), dtype=np.uint64)
     pair[:, 0] = pd.util.hash_array(keys, hash_key="usersync-keys-a1", categorize=False)
     pair[:, 1] = pd.util.hash_array(keys, hash_key="usersync-keys-b2", categorize=False)
-    return pair.view("S16").ravel()
+    return pair
+
+
+class Sorted:
+    """Key digests ordered by their first 64 bits (with values that travel with them),
+    searched by those and confirmed by the second 64: integer sorts and searches, several
+    times faster than on 16-byte strings."""
+
+    def __init__(self, digests: np.ndarray, *values: np.ndarray):
+        order = np.argsort(digests[:, 0])
+        self.hi, self.lo = digests[order, 0], digests[order, 1]
+        self.values = [v[order] for v in values]
+        self.ties = bool((self.hi[1:] == self.hi[:-1]).any())  # first halves that repeat
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def digests(self) -> np.ndarray:
+        return np.column_stack((self.hi, self.lo))
+
+    def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, found) of each digest."""
+        hi, lo, n = digests[:, 0], digests[:, 1], len(self.hi)
+        if not n:
+            return np.zeros(len(hi), dtype=np.intp), np.zeros(len(hi), dtype=bool)
+        first = np.searchsorted(self.hi, hi)
+        pos = np.minimum(first, n - 1)
+        same_hi = self.hi[pos] == hi
+        found = same_hi & (self.lo[pos] == lo)
+        if self.ties:  # 2^-64 odds a pair: walk the run of equal first halves, in any order
+            for i in np.flatnonzero(same_hi & ~found):
+                j = first[i]
+                while j < n and self.hi[j] == hi[i] and not found[i]:
+                    found[i], pos[i] = self.lo[j] == lo[i], j
+                    j += 1
+        return pos, found
 
 
 class KeySet:
-    """A set of key digests kept as a few sorted arrays, merged like a binary counter."""
+    """A set of key digests kept as a few sorted runs, merged like a binary counter."""
 
     def __init__(self):
-        self.runs: list[np.ndarray] = []
+        self.runs: list[Sorted] = []
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.runs)
 
     def add(self, digests: np.ndarray) -> None:
-        self.runs.append(np.sort(digests))
+        self.runs.append(Sorted(digests))
         while len(self.runs) > 1 and len(self.runs[-1]) >= len(self.runs[-2]):
             last = self.runs.pop()
-            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
+            self.runs[-1] = Sorted(np.concatenate([self.runs[-1].digests(), last.digests()]))
 
     def contains(self, digests: np.ndarray) -> np.ndarray:
         found = np.zeros(len(digests), dtype=bool)
         for run in self.runs:
-            found |= _positions(run, digests)[1]
+            found |= run.find(digests)[1]
         return found
 
 
@@ -236,8 +273,8 @@ class Snapshot:
     """The snapshot's row hashes, looked up a chunk at a time.
 
     A run that reads few users (incremental, by cursor) asks the table for their keys; once
-    a run has read more than a twentieth of the snapshot, the whole of it is loaded as sorted
-    arrays (a 16-byte key digest and the row hash: 24 bytes a user) and looked up in memory.
+    a run has read more than a twentieth of the snapshot, the whole of it is loaded, sorted
+    (a 16-byte key digest and the row hash: 24 bytes a user), and looked up in memory.
     A full scan (``whole``) loads it at its first lookup.
     """
 
@@ -247,15 +284,15 @@ class Snapshot:
         with engine.connect() as c:
             self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
         self.read = 0
-        self.digests: np.ndarray | None = None
+        self.loaded: Sorted | None = None
 
     def __len__(self) -> int:
         return self.size
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(known, row hash or 0) for each key."""
+    def lookup(self, keys: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(known, row hash or 0) for each key (``digests``: theirs)."""
         self.read += len(keys)
-        if self.digests is None and not self.whole and self.read <= self.size / 20:
+        if self.loaded is None and not self.whole and self.read <= self.size / 20:
             s = state.snapshot
             found: dict[str, int] = {}
             with self.engine.connect() as c:
@@ -264,32 +301,15 @@ class Snapshot:
                         s.c.sync == self.sync, s.c.user_key.in_(part))).all())
             return (np.array([k in found for k in keys], dtype=bool),
                     np.array([found.get(k, 0) for k in keys], dtype=np.int64))
-        if self.digests is None:
-            self._load()
-        pos, known = _positions(self.digests, digest(keys))
+        if self.loaded is None:
+            parts = [(digest(np.array(k, dtype=object)), np.array(h, dtype=np.int64))
+                     for k, h in state.snapshot_hashes(self.engine, self.sync)]
+            known, hashes = zip(*parts) if parts else ([np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)])
+            self.loaded = Sorted(np.concatenate(known), np.concatenate(hashes))
+        pos, known = self.loaded.find(digests)
         if not known.any():
             return known, np.zeros(len(keys), dtype=np.int64)
-        return known, np.where(known, self.row_hashes[np.minimum(pos, len(self.row_hashes) - 1)], 0)
-
-    def _load(self, batch: int = 100_000) -> None:
-        s = state.snapshot
-        digests, hashes = [np.empty(0, dtype="S16")], [np.empty(0, dtype=np.int64)]
-        with self.engine.connect() as c:
-            c = c.execution_options(stream_results=True, yield_per=batch)
-            query = sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == self.sync)
-            for part in pd.read_sql(query, c, chunksize=batch, coerce_float=False):
-                digests.append(digest(part["user_key"].to_numpy(dtype=object)))
-                hashes.append(part["row_hash"].to_numpy(dtype=np.int64))
-        all_digests = np.concatenate(digests)
-        order = np.argsort(all_digests)
-        self.digests, self.row_hashes = all_digests[order], np.concatenate(hashes)[order]
-
-
-def _positions(sorted_: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.searchsorted(sorted_, values)
-    if not len(sorted_):
-        return pos, np.zeros(len(values), dtype=bool)
-    return pos, sorted_[np.minimum(pos, len(sorted_) - 1)] == values
+        return known, np.where(known, self.loaded.values[0][pos], 0)
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
@@ -362,11 +382,15 @@ def _keys(frame: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]
     bad = np.zeros(len(frame), dtype=bool)
     for c in cols:
         s = frame[c]
-        text = s.astype(object).str.strip() if _is_text(s) else s.map(_key_part)
-        bad |= text.isna().to_numpy() | (text == "").to_numpy()
-        parts.append(text.fillna(""))
-    keys = parts[0] if len(parts) == 1 else parts[0].str.cat(parts[1:], sep="|")
-    return keys.to_numpy(dtype=object), bad
+        if _is_text(s):
+            text = np.array([v.strip() if isinstance(v, str) else "" for v in s.to_numpy(dtype=object)], dtype=object)
+        else:
+            text = np.array([_key_part(v) or "" for v in s.to_numpy(dtype=object)], dtype=object)
+        bad |= text == ""
+        parts.append(text)
+    if len(parts) == 1:
+        return parts[0], bad
+    return np.array(["|".join(p) for p in zip(*parts)], dtype=object), bad
 
 
 def _key_part(v: Any) -> Any:

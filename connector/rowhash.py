@@ -7,7 +7,8 @@ changed mapping or format moves every hash once and the second pass decides.
 
 A value hashes the same whatever dtype its chunk arrived as: 5 and 5.0 alike (integer
 columns with NULLs come as floats), NULL apart from every text (also 'None'), booleans
-as the text 'True'/'False' (as an object column of them is hashed). A column that comes
+as the text 'True'/'False' (as an object column of them is hashed), Python dates and
+datetimes as the datetime64 they equal. A column that comes
 as another dtype in another run (datetime64 in one, objects in the next) can only move a
 hash, never hide a change: the second pass, against the delivered payload, decides.
 """
@@ -20,6 +21,7 @@ from pandas.core.util.hashing import combine_hash_arrays
 
 KEY = "usersync-rows-v1"
 _MAX_EXACT = 2.0**53  # past this a float no longer holds every integer
+_SAMPLE = 1000  # values looked at to judge whether a text column is mostly distinct
 
 
 def _texts(values) -> np.ndarray:
@@ -56,16 +58,25 @@ def column_hashes(s: pd.Series) -> np.ndarray:
         micros = s.to_numpy(dtype="datetime64[us]").view(np.int64)
         out = pd.util.hash_array(micros) ^ np.uint64(0x5DA7E)  # apart from the integer of the same value
     else:  # text, or objects: str() of each distinct value
-        return _objects(s.to_numpy(dtype=object))
+        values = s.to_numpy(dtype=object)
+        if dtype == object and pd.api.types.infer_dtype(values, skipna=True) in ("date", "datetime"):
+            try:  # Python dates and datetimes (a driver's DATE): as the datetime64 they equal
+                return column_hashes(pd.Series(pd.to_datetime(values, utc=True)))
+            except (ValueError, OverflowError):  # out of datetime64's range: their text
+                pass
+        return _objects(values)
     out[s.isna().to_numpy()] = NULL
     return out
 
 
 def _objects(values: np.ndarray) -> np.ndarray:
-    try:
-        codes, uniques = pd.factorize(values)  # NULLs (None, NaN, NA) get code -1
+    codes = uniques = None
+    try:  # few distinct values (plans, countries): hash each distinct one; judged on a sample
+        sample = values[:: max(1, len(values) // _SAMPLE)]  # spread over the chunk, which may be sorted
+        if len(pd.unique(sample)) * 2 <= len(sample):
+            codes, uniques = pd.factorize(values)  # NULLs (None, NaN, NA) get code -1
     except TypeError:  # lists or dicts (JSON, arrays): their text
-        codes, uniques = None, values
+        pass
     if codes is None or len(uniques) * 2 > len(values):  # mostly distinct (ids, emails): hash each
         out = _texts(values)
         out[pd.isna(values)] = NULL

@@ -22,6 +22,13 @@ def test_a_chunk_with_nulls_hashes_its_values_like_a_chunk_without():
     when = [dt.datetime(2025, 1, 1, 12, 30), dt.datetime(2025, 2, 1)]
     assert same(pd.Series(pd.to_datetime(when)), pd.Series(pd.to_datetime(when)).dt.tz_localize("UTC"))
     assert same(pd.Series([0.0]), pd.Series([-0.0]))
+    # a driver's DATE comes as Python dates: hashed as the datetime64 they equal
+    days = [dt.date(1990, 5, 17), None, dt.date(2001, 1, 1)]
+    assert same(pd.Series(days, dtype=object), pd.Series(pd.to_datetime(days)))
+    assert same(pd.Series(when, dtype=object), pd.Series(pd.to_datetime(when)))
+    # dates past datetime64's range still hash, by their text, and apart
+    far = pd.Series([dt.date(1, 1, 1), dt.date(9999, 12, 31), None], dtype=object)
+    assert len(set(column_hashes(far))) == 3
 
 
 def test_null_is_apart_from_every_text_and_number():
@@ -35,6 +42,7 @@ def test_null_is_apart_from_every_text_and_number():
 def test_every_difference_moves_the_hash():
     pairs = [(["a"], ["b"]), ([1], [2]), ([1.5], [1.25]), ([2**60], [2**60 + 1]), ([True], [False]),
              ([dt.datetime(2025, 1, 1)], [dt.datetime(2025, 1, 1, 0, 0, 1)]), ([[1, 2]], [[2, 1]]),
+             ([dt.date(2025, 1, 1)], [dt.date(2025, 1, 2)]),
              ([{"a": 1}], [{"a": 2}])]
     for a, b in pairs:
         assert not same(a, b), (a, b)
