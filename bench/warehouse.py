@@ -127,13 +127,14 @@ def _insert(eng: sa.Engine, df: pd.DataFrame) -> None:
         raw.close()
 
 
-def change(url: str, every: int = 100, offset: int = 0) -> int:
-    """A later day: one user in ``every`` gets new points, plan and last_seen_at."""
+def change(url: str, every: int = 100, below: int | None = None, at: dt.datetime = CHANGED) -> int:
+    """A later day (``at``): one user in ``every`` (of the first ``below``) gets new points,
+    plan and last_seen_at."""
     eng = sa.create_engine(url)
     with eng.begin() as c:
         n = c.execute(sa.text(
             f"UPDATE {TABLE} SET points = points + 1, plan = 'pro', last_seen_at = :t, updated_at = :t "
-            f"WHERE seq % {every} = {offset}"), {"t": CHANGED}).rowcount
+            f"WHERE seq % {every} = 0" + (f" AND seq < {below}" if below else "")), {"t": at}).rowcount
     eng.dispose()
     return n
 
