@@ -149,7 +149,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         cand, frame, row_hash, known = cand[good], frame[good], row_hash[good], known[good]
 
     # second pass: attribute by attribute against the last delivered payload
-    old = state.snapshot_payloads(sync.state, spec.name, cand.index[known])
+    old = hashes.payloads(cand.index[known])
     staged, settled = [], []
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     names = list(cand.columns)
@@ -272,7 +272,8 @@ class KeySet:
 class Snapshot:
     """The snapshot's row hashes, looked up a chunk at a time.
 
-    A run that reads few users (incremental, by cursor) asks the table for their keys; once
+    A run that reads few users (incremental, by cursor) asks the table for their keys (the
+    payloads come along, for the second pass of those whose hash moved); once
     a run has read more than a twentieth of the snapshot, the whole of it is loaded, sorted
     (a 16-byte key digest and the row hash: 24 bytes a user), and looked up in memory.
     A full scan (``whole``) loads it at its first lookup.
@@ -285,6 +286,7 @@ class Snapshot:
             self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
         self.read = 0
         self.loaded: Sorted | None = None
+        self.fetched: dict[str, str] = {}  # payloads (JSON) of the last keys asked for one by one
 
     def __len__(self) -> int:
         return self.size
@@ -295,10 +297,12 @@ class Snapshot:
         if self.loaded is None and not self.whole and self.read <= self.size / 20:
             s = state.snapshot
             found: dict[str, int] = {}
+            self.fetched = {}  # the moved among them are diffed against their payloads next
             with self.engine.connect() as c:
                 for part in state.chunked(list(keys), 500):
-                    found.update(c.execute(sa.select(s.c.user_key, s.c.row_hash).where(
-                        s.c.sync == self.sync, s.c.user_key.in_(part))).all())
+                    for key, row_hash, payload in c.execute(sa.select(s.c.user_key, s.c.row_hash, s.c.payload).where(
+                            s.c.sync == self.sync, s.c.user_key.in_(part))):
+                        found[key], self.fetched[key] = row_hash, payload
             return (np.array([k in found for k in keys], dtype=bool),
                     np.array([found.get(k, 0) for k in keys], dtype=np.int64))
         if self.loaded is None:
@@ -306,10 +310,17 @@ class Snapshot:
                      for k, h in state.snapshot_hashes(self.engine, self.sync)]
             known, hashes = zip(*parts) if parts else ([np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)])
             self.loaded = Sorted(np.concatenate(known), np.concatenate(hashes))
+        self.fetched = {}
         pos, known = self.loaded.find(digests)
         if not known.any():
             return known, np.zeros(len(keys), dtype=np.int64)
         return known, np.where(known, self.loaded.values[0][pos], 0)
+
+    def payloads(self, keys) -> dict[str, dict[str, Any]]:
+        """The last delivered payloads of some of the keys just looked up."""
+        if all(k in self.fetched for k in keys):
+            return {k: json.loads(self.fetched[k]) for k in keys}
+        return state.snapshot_payloads(self.engine, self.sync, keys)
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
