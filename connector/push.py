@@ -230,6 +230,7 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
     inflight: set[Future] = set()
     intend = functools.partial(_intend, sync, run_id)
     beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
+    failed_before = state.failure_keys(sync.state, sync.spec.name)  # a delivery clears only theirs
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
         limit = concurrency * 2 if result.requests else 1
@@ -242,7 +243,7 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
         done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
         crashpoint("vendor_answered")
         with sync.state.begin() as conn:
-            writes = _Writes(sync, run_id)
+            writes = _Writes(sync, run_id, failed_before)
             for fut in done:
                 sent = fut.result()
                 result.requests += sent.attempts - sent.job.attempts
@@ -387,8 +388,9 @@ class _Writes:
     """The batch rows, delivered users and plan statuses of the requests that finished
     together, written with one statement each (per 500 keys) in their transaction."""
 
-    def __init__(self, sync, run_id: int):
+    def __init__(self, sync, run_id: int, failed: set[str] | None = None):
         self.sync, self.run_id = sync, run_id
+        self.failed = failed  # the users with a failure row when the push began (None: unknown)
         self.batches: list[dict] = []
         self.snapshot: list[tuple[str, str, int]] = []  # (key, payload as the plan's JSON text, row hash)
         self.marks: dict[str, list[str]] = {}
@@ -410,7 +412,8 @@ class _Writes:
             conn.execute(state.batches.insert(), self.batches)
         if self.snapshot:  # the snapshot moves only for the users the vendor acknowledged
             state.upsert_snapshot(conn, self.sync.spec.name, self.run_id, self.snapshot)
-            state.clear_failures(conn, self.sync.spec.name, [k for k, _, _ in self.snapshot])
+            keys = [k for k, _, _ in self.snapshot if self.failed is None or k in self.failed]
+            state.clear_failures(conn, self.sync.spec.name, keys)
         for status, keys in self.marks.items():
             _mark(conn, self.run_id, keys, status)
 

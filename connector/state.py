@@ -301,6 +301,13 @@ def clear_failures(conn: sa.Connection, sync: str, keys: list[str]) -> None:
         conn.execute(failures.delete().where(failures.c.sync == sync, failures.c.user_key.in_(chunk)))
 
 
+def failure_keys(engine: Engine, sync: str, most: int = 100_000) -> set[str] | None:
+    """The keys of a sync's users with a failure row (None: more than ``most`` of them)."""
+    with engine.connect() as c:
+        keys = c.execute(sa.select(failures.c.user_key).where(failures.c.sync == sync).limit(most + 1)).scalars().all()
+    return set(keys) if len(keys) <= most else None
+
+
 def failed_identities(engine: Engine, sync: str) -> list[dict[str, Any]]:
     """Source identities of users whose last attempt failed: re-read every run."""
     with engine.connect() as c:
