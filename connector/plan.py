@@ -71,6 +71,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
     beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
+    failed = state.failure_keys(sync.state, spec.name)  # settling a user clears only theirs
 
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
@@ -81,7 +82,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
         if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
             top = _plain(frame[spec.cursor].dropna().max())
             plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
-        _plan_chunk(sync, plan, frame, hashes, seen, duplicates, mode=mode, stage=stage)
+        _plan_chunk(sync, plan, frame, hashes, seen, duplicates, failed, mode=mode, stage=stage)
         crashpoint("extract_chunk")
         if stage:  # long plans keep the lock alive
             beat()
@@ -108,7 +109,7 @@ def _with_failures(sync, chunks, seen: KeySet, retry: bool):
         yield frame
 
 
-def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: KeySet, duplicates,
+def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: KeySet, duplicates, failed,
                 *, mode: str, stage: bool) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
@@ -192,7 +193,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         if staged:
             c.execute(state.plan.insert(), staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
-        state.clear_failures(c, spec.name, [k for k, _, _ in settled])  # nothing left to send
+        state.clear_failures(c, spec.name, [k for k, _, _ in settled if failed is None or k in failed])
         state.record_failures(c, spec.name, plan.run_id, rejected)
 
 

@@ -72,8 +72,6 @@ snapshot = sa.Table(
     sa.Column("row_hash", sa.BigInteger, nullable=False),  # hash of the mapped source row
     sa.Column("run_id", sa.Integer),
     sa.Column("updated_at", _TS, nullable=False),
-    # covers the diff's first pass (every key and hash of a sync) without visiting the rows
-    sa.Index("ix_sync_snapshot_hash", "sync", "user_key", "row_hash"),
 )
 
 failures = sa.Table(
@@ -136,11 +134,8 @@ def connect(url: str) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create the sync tables if missing; add what tables made by earlier versions lack."""
+    """Create the sync tables if missing; add ``sync_plan.in_flight`` to tables made before it."""
     metadata.create_all(engine)
-    with engine.begin() as c:
-        for index in snapshot.indexes:
-            index.create(c, checkfirst=True)
     if "in_flight" not in {c["name"] for c in sa.inspect(engine).get_columns("sync_plan")}:
         with engine.begin() as c:
             c.execute(sa.text("ALTER TABLE sync_plan ADD COLUMN in_flight TEXT"))
@@ -210,7 +205,7 @@ def snapshot_payloads(engine: Engine, sync: str, keys: Iterable[str]) -> dict[st
 
 
 def snapshot_hashes(engine: Engine, sync: str, batch: int = 100_000) -> Iterator[tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Every (user keys, row hashes) of a sync, ``batch`` users at a time, off the covering index.
+    """Every (user keys, row hashes) of a sync, ``batch`` users at a time.
 
     Fetched in key order, a page a query, from the driver's own cursor: a million users are
     two million cells, and a SQLAlchemy row (or a DataFrame) around each would cost more

@@ -98,5 +98,3 @@ CREATE TABLE sync_snapshot (
 	updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
 	PRIMARY KEY (sync, user_key)
 );
-
-CREATE INDEX ix_sync_snapshot_hash ON sync_snapshot (sync, user_key, row_hash);
