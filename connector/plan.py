@@ -274,9 +274,9 @@ class Snapshot:
     """The snapshot's row hashes, looked up a chunk at a time.
 
     A run that reads few users (incremental, by cursor) asks the table for their keys (the
-    payloads come along, for the second pass of those whose hash moved); once
-    a run has read more than a twentieth of the snapshot, the whole of it is loaded, sorted
-    (a 16-byte key digest and the row hash: 24 bytes a user), and looked up in memory.
+    payloads come along, for the second pass of those whose hash moved); once a run has
+    read more than a twentieth of the snapshot, the whole of it is loaded, sorted (a 16-byte
+    key digest and the row hash: 24 bytes a user), and looked up in memory.
     A full scan (``whole``) loads it at its first lookup.
     """
 
@@ -287,7 +287,7 @@ class Snapshot:
             self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
         self.read = 0
         self.loaded: Sorted | None = None
-        self.fetched: dict[str, str] = {}  # payloads (JSON) of the last keys asked for one by one
+        self.fetched: dict[str, tuple[int, str]] = {}  # the last keys asked for one by one: hash, payload
 
     def __len__(self) -> int:
         return self.size
@@ -296,16 +296,10 @@ class Snapshot:
         """(known, row hash or 0) for each key (``digests``: theirs)."""
         self.read += len(keys)
         if self.loaded is None and not self.whole and self.read <= self.size / 20:
-            s = state.snapshot
-            found: dict[str, int] = {}
-            self.fetched = {}  # the moved among them are diffed against their payloads next
-            with self.engine.connect() as c:
-                for part in state.chunked(list(keys), 500):
-                    for key, row_hash, payload in c.execute(sa.select(s.c.user_key, s.c.row_hash, s.c.payload).where(
-                            s.c.sync == self.sync, s.c.user_key.in_(part))):
-                        found[key], self.fetched[key] = row_hash, payload
+            # the moved among them are diffed against their payloads next
+            self.fetched = found = state.snapshot_rows(self.engine, self.sync, keys)
             return (np.array([k in found for k in keys], dtype=bool),
-                    np.array([found.get(k, 0) for k in keys], dtype=np.int64))
+                    np.array([found[k][0] if k in found else 0 for k in keys], dtype=np.int64))
         if self.loaded is None:
             parts = [(digest(np.array(k, dtype=object)), np.array(h, dtype=np.int64))
                      for k, h in state.snapshot_hashes(self.engine, self.sync)]
@@ -319,9 +313,8 @@ class Snapshot:
 
     def payloads(self, keys) -> dict[str, dict[str, Any]]:
         """The last delivered payloads of some of the keys just looked up."""
-        if all(k in self.fetched for k in keys):
-            return {k: json.loads(self.fetched[k]) for k in keys}
-        return state.snapshot_payloads(self.engine, self.sync, keys)
+        rows = self.fetched if all(k in self.fetched for k in keys) else state.snapshot_rows(self.engine, self.sync, keys)
+        return {k: json.loads(rows[k][1]) for k in keys if k in rows}
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):

@@ -193,14 +193,14 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any]:
 
 
 # -- snapshot ------------------------------------------------------------------------
-def snapshot_payloads(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """The last delivered payloads of some users."""
-    out: dict[str, dict[str, Any]] = {}
+def snapshot_rows(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """Some users' (row hash, last delivered payload as JSON), by key."""
+    out: dict[str, tuple[int, str]] = {}
     with engine.connect() as c:
         for chunk in chunked(list(keys), 500):
-            q = sa.select(snapshot.c.user_key, snapshot.c.payload).where(
+            q = sa.select(snapshot.c.user_key, snapshot.c.row_hash, snapshot.c.payload).where(
                 snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk))
-            out.update((k, json.loads(p)) for k, p in c.execute(q))
+            out.update((k, (h, p)) for k, h, p in c.execute(q))
     return out
 
 
