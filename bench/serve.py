@@ -1,8 +1,8 @@
 """A vendor emulator in its own process (so it never competes with the client for the GIL).
 
 ``python -m bench.serve VENDOR LATENCY CONFIG`` prints the emulator's URL, serves until its
-standard input closes, then prints a JSON line: requests received (and when the first and
-last arrived) and throttled answers.
+standard input closes, then prints a JSON line: requests received (each request's path and
+arrival time) and throttled answers.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ def main(vendor: str, latency: float, path: str) -> None:
     with emulator.Running(emu) as running:
         print(running.url, flush=True)
         sys.stdin.read()
-    at = [r["at"] for r in emu.log]
-    print(json.dumps({"requests": len(at), "throttled": throttled, "first": min(at, default=0),
-                      "last": max(at, default=0)}), flush=True)
+    print(json.dumps({"requests": len(emu.log), "throttled": throttled,
+                      "arrivals": [(r["path"], r["at"]) for r in emu.log]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
 
+import msgspec
 import requests
 import sqlalchemy as sa
 
@@ -55,7 +57,6 @@ class _Job:
     attempts: int = 0
     not_before: float = 0.0
     intended: frozenset[str] = frozenset()  # non-idempotent attributes marked ``sending`` so far
-    staged: dict | None = None  # key -> _Staged, for the batch's users (its plan chunk's)
     shape: list | None = None  # (attributes) of each request part: how many parts, what each carries
 
 
@@ -69,32 +70,6 @@ class _Sent:
     sent_at: object = None
     applied: frozenset[str] = frozenset()  # attributes of the parts acknowledged before a failure
     failing: frozenset[str] | None = None  # attributes of the part that failed (None: all)
-
-
-class _Staged:
-    """What the plan holds for a user beyond the change itself.
-
-    Kept as the plan's JSON text: a delivered user's payload goes into the snapshot as
-    that very text; only a failure needs the decoded values (:attr:`payload`, ...).
-    """
-
-    __slots__ = ("source_identity_json", "payload_json", "before_json", "row_hash")
-
-    def __init__(self, source_identity_json: str, payload_json: str, before_json: str, row_hash: int):
-        self.source_identity_json, self.payload_json = source_identity_json, payload_json
-        self.before_json, self.row_hash = before_json, row_hash
-
-    @property
-    def source_identity(self) -> dict:
-        return json.loads(self.source_identity_json)
-
-    @property
-    def payload(self) -> dict:
-        return json.loads(self.payload_json)
-
-    @property
-    def before(self) -> dict:
-        return json.loads(self.before_json)
 
 
 def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResult:
@@ -137,19 +112,19 @@ class _Feed:
         if chunk is None:
             self.more = False
             return False
-        changes, staged = chunk
+        changes = chunk
         if not self.prepared:  # only when there is something to send: no change, no request
             self.vendor.prepare(self.transport.session, self.sync.spec)
             self.prepared = True
             if len(changes) == READ_CHUNK:  # a long push: nothing in flight yet, see _keep_old_objects
                 _keep_old_objects()
                 self.frozen = True
-        self.jobs.extend(_Job(b, staged=staged) for b in self.vendor.batches(changes))
+        self.jobs.extend(_Job(b) for b in self.vendor.batches(changes))
         return True
 
 
 _p = state.plan
-_COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.source_identity, _p.c.ops, _p.c.payload, _p.c.before, _p.c.row_hash)
+_COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.ops)  # the rest stays in the plan (see state.snapshot_from_plan)
 
 
 def _pending(sync, run_id: int, shard: int | None):
@@ -167,25 +142,24 @@ def _pending(sync, run_id: int, shard: int | None):
         last = rows[-1][0]
 
 
-class _OpNames(dict):
-    """Op by name, a dict lookup (an ``Op(name)`` call per op costs more than the parsing)."""
-
-    def __missing__(self, name):
-        return Op(name)  # not an op name: Op says so
-
-
-_OPS = _OpNames((op.value, op) for op in Op)
 _first = operator.itemgetter(0)
+# A chunk's identities and ops are decoded in one call each, straight into what a Change
+# holds (tuples, Op members): at Tencent's limit that is 10,000 users a second, and json
+# plus a loop over the ops cost three times as much, under the GIL the senders need.
+_IDENTITIES = msgspec.json.Decoder(list[dict[str, Any]])
+_OPSS = msgspec.json.Decoder(list[tuple[tuple[str, Op, Any], ...]])
 
 
-def _load(rows) -> tuple[list[Change], dict[str, _Staged]]:
+def _load(rows) -> list[Change]:
     if not rows:
-        return [], {}
-    # a chunk's identities, and its ops, in one decode each (a call per value costs more than the parsing)
-    idents = json.loads("[" + ",".join([r[1] for r in rows]) + "]")
-    opss = json.loads("[" + ",".join([r[3] for r in rows]) + "]")
-    changes = [Change(r[0], i, tuple([(a, _OPS[o], v) for a, o, v in ops])) for r, i, ops in zip(rows, idents, opss)]
-    return changes, {r[0]: _Staged(r[2], r[4], r[5], r[6]) for r in rows}
+        return []
+    idents, opss = "[" + ",".join([r[1] for r in rows]) + "]", "[" + ",".join([r[2] for r in rows]) + "]"
+    try:
+        idents, opss = _IDENTITIES.decode(idents), _OPSS.decode(opss)
+    except msgspec.DecodeError:  # NaN or Infinity somewhere (Python's json writes them, msgspec refuses)
+        idents = json.loads(idents)
+        opss = [tuple((a, Op(o), v) for a, o, v in ops) for ops in json.loads(opss)]
+    return [Change(r[0], i, ops) for r, i, ops in zip(rows, idents, opss)]
 
 
 def _keep_old_objects() -> None:
@@ -212,13 +186,13 @@ def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
     rows = conn.execute(sa.select(_p.c.run_id, _p.c.in_flight, *_COLUMNS).where(_p.c.status == "sending", *where)
                         .order_by(_p.c.run_id, _p.c.in_flight, _p.c.user_key)).all()
     for (run_id, in_flight), group in itertools.groupby(rows, key=lambda r: r[:2]):
-        changes, staged = _load([r[2:] for r in group])
+        changes = _load([r[2:] for r in group])
         keys = [c.key for c in changes]
         who = ", ".join(keys[:50]) + (f" and {len(keys) - 50} more" if len(keys) > 50 else "")
         sent = _Sent(_Job(changes), Verdict(Kind.RETRY, "in_doubt", f"{IN_DOUBT}: {who}", ambiguous=True), 0,
                      failing=frozenset(json.loads(in_flight)) if in_flight else None)
         _batch_row(conn, sync, run_id, 0, sent, "in_doubt")
-        _failed(conn, sync, run_id, [(c, "in_doubt", None, IN_DOUBT) for c in changes], staged, sent)
+        _failed(conn, sync, run_id, [(c, "in_doubt", None, IN_DOUBT) for c in changes], sent)
         log.warning("run %s: %d user(s) were in flight when it stopped; their increments/appends count as "
                     "applied (at most once), the rest is re-sent", run_id, len(changes))
     return len(rows)
@@ -231,6 +205,7 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
     intend = functools.partial(_intend, sync, run_id)
     beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
     failed_before = state.failure_keys(sync.state, sync.spec.name)  # a delivery clears only theirs
+    writes = _Writes(sync, run_id, shard, failed_before)
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
         limit = concurrency * 2 if result.requests else 1
@@ -240,16 +215,18 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
             inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg, intend))
         if not inflight:
             break
-        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-        crashpoint("vendor_answered")
-        with sync.state.begin() as conn:
-            writes = _Writes(sync, run_id, failed_before)
-            for fut in done:
-                sent = fut.result()
-                result.requests += sent.attempts - sent.job.attempts
-                _record(sync, conn, run_id, shard, sent, writes, jobs, stop, result, cfg.max_attempts)
-            writes.flush(conn)
-        crashpoint("after_commit")
+        done, inflight = wait(inflight, timeout=writes.due(), return_when=FIRST_COMPLETED)
+        if done:
+            crashpoint("vendor_answered")
+        for fut in done:
+            sent = fut.result()
+            result.requests += sent.attempts - sent.job.attempts
+            _record(sent, writes, jobs, stop, result, cfg.max_attempts)
+        if writes.urgent or not inflight or writes.due() == 0:
+            with sync.state.begin() as conn:
+                writes.flush(conn)
+            crashpoint("after_commit")
+            writes = _Writes(sync, run_id, shard, failed_before)
         if progress:
             progress.update(requests=result.requests, delivered=result.delivered,
                             failed=result.failed + result.rejected)
@@ -271,11 +248,14 @@ def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: t
     delay = job.not_before - time.monotonic()
     if delay > 0:
         time.sleep(delay)
-    if job.shape is None:  # what each part carries; the parts themselves are built as they go
-        job.shape = [part.attributes for part in _parts(vendor, job.batch)]
+    built = None
+    if job.shape is None:  # what each part carries (the parts go as built now, or afresh on a retry)
+        built = _parts(vendor, job.batch)
+        job.shape = [part.attributes for part in built]
     attempts, applied = job.attempts, frozenset()
     for i, attrs in enumerate(job.shape):
-        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, cfg, attempts, intend)
+        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, cfg, attempts, intend,
+                          built[i] if built else None)
         attempts = sent.attempts
         v = sent.verdict
         if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == len(job.shape) - 1:
@@ -291,15 +271,17 @@ def _parts(vendor, batch: list[Change]) -> list:
 
 
 def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop, cfg, attempts: int,
-               intend) -> _Sent:
-    """``carried``: the attributes this part carries (None: the whole batch)."""
+               intend, req=None) -> _Sent:
+    """``carried``: the attributes this part carries (None: the whole batch); ``req``: the part as
+    built already (None: build it; every retry builds afresh: timestamps, nonces, signatures)."""
     risky = frozenset(a for c in job.batch for a, op, _ in c.ops if not op.idempotent and (carried is None or a in carried))
     idempotent = not risky
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
         limiter.acquire()
-        req = _parts(vendor, job.batch)[index]  # built afresh each attempt: timestamps, nonces, signatures
+        if req is None:
+            req = _parts(vendor, job.batch)[index]
         if not risky <= job.intended:
             job.intended |= risky
             intend(job.batch, job.intended)
@@ -322,6 +304,7 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
         if not retry or stop.is_set():
             return _Sent(job, verdict, attempts, status, latency, sent_at)
         log.info("retrying %d user(s) after %s (attempt %d)", len(job.batch), verdict.code or status, attempts)
+        req = None  # built afresh for the retry: timestamps, nonces, signatures
         time.sleep(verdict.wait or _backoff(cfg.backoff, attempts))
 
 
@@ -329,12 +312,10 @@ def _backoff(base: float, attempt: int) -> float:
     return min(60.0, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
 
 
-def _record(sync, conn, run_id, shard, sent: _Sent, writes: _Writes, jobs, stop, result: PushResult,
-            max_attempts) -> None:
+def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_attempts) -> None:
     """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
     v = sent.verdict
     batch = sent.job.batch
-    staged = sent.job.staged
     if v is None or v.kind is Kind.STOP or (v.kind is Kind.SPLIT and len(batch) > 1):
         writes.mark([c.key for c in batch], "pending")  # not applied: no longer in flight
     if v is None:  # never sent (the run was stopped)
@@ -343,7 +324,7 @@ def _record(sync, conn, run_id, shard, sent: _Sent, writes: _Writes, jobs, stop,
         stop.set()
         result.stopped = f"{v.code}: {v.message}" if v.code else v.message
         log.error("vendor refused the run: %s", result.stopped)
-        writes.batch(shard, sent, "stopped")
+        writes.batch(sent, "stopped")
         return
     if v.kind is Kind.DELIVERED and not v.per_user:  # the usual answer: everyone acknowledged
         delivered, failed, retry_now = batch, [], []
@@ -366,66 +347,92 @@ def _record(sync, conn, run_id, shard, sent: _Sent, writes: _Writes, jobs, stop,
     if v.kind is Kind.SPLIT and len(batch) > 1:
         half = len(batch) // 2
         # a split is not a failed attempt
-        jobs.extend([_Job(batch[:half], staged=staged), _Job(batch[half:], staged=staged)])
-        writes.batch(shard, sent, "split")
+        jobs.extend([_Job(batch[:half]), _Job(batch[half:])])
+        writes.batch(sent, "split")
         return
     if retry_now:
-        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5), staged=staged))
+        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
         writes.mark([c.key for c in retry_now], "pending")
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
                "retry" if retry_now and not failed else
                "rejected" if all(f[1] == "rejected" for f in failed) else "failed")
-    writes.batch(shard, sent, outcome)
-    writes.delivered(delivered, staged)
-    _failed(conn, sync, run_id, failed, staged, sent)
+    writes.batch(sent, outcome)
+    writes.delivered(delivered)
+    writes.failures(failed, sent)
     result.delivered += len(delivered)
     result.rejected += sum(1 for f in failed if f[1] == "rejected")
     result.failed += sum(1 for f in failed if f[1] != "rejected")
 
 
 class _Writes:
-    """The batch rows, delivered users and plan statuses of the requests that finished
-    together, written with one statement each (per 500 keys) in their transaction."""
+    """What finished requests leave to write — batch rows, delivered users, failures, plan
+    statuses — written together in one transaction, a statement per kind (per 500 keys).
 
-    def __init__(self, sync, run_id: int, failed: set[str] | None = None):
-        self.sync, self.run_id = sync, run_id
+    Deliveries are gathered for up to ``FLUSH_SECONDS`` (or ``FLUSH_USERS``): at 100 requests
+    a second, a transaction per answer costs the senders more GIL time than the HTTP does.
+    Waiting is safe for them: a run that dies first re-sends those users next run, and the
+    non-idempotent ones among them are still ``sending``, settled at most once. Anything
+    else (a failure, a batch going back to ``pending`` to be split or retried) is
+    ``urgent``: written before any of its users can be sent again.
+    """
+
+    FLUSH_SECONDS = 0.25
+    FLUSH_USERS = 5000
+
+    def __init__(self, sync, run_id: int, shard: int = 0, failed: set[str] | None = None):
+        self.sync, self.run_id, self.shard = sync, run_id, shard
         self.failed = failed  # the users with a failure row when the push began (None: unknown)
         self.batches: list[dict] = []
-        self.snapshot: list[tuple[str, str, int]] = []  # (key, payload as the plan's JSON text, row hash)
         self.marks: dict[str, list[str]] = {}
+        self.failed_now: list[tuple[list, _Sent]] = []
+        self.urgent, self.users, self.since = False, 0, None
 
-    def batch(self, shard: int, sent: _Sent, outcome: str) -> None:
-        self.batches.append(_batch_values(self.sync, self.run_id, shard, sent, outcome))
+    def due(self) -> float | None:
+        """Seconds until these writes should be flushed (None: there is nothing to write)."""
+        if self.since is None:
+            return None
+        return 0 if self.users >= self.FLUSH_USERS else max(0.0, self.since + self.FLUSH_SECONDS - time.monotonic())
+
+    def batch(self, sent: _Sent, outcome: str) -> None:
+        self.since = self.since or time.monotonic()
+        self.batches.append(_batch_values(self.sync, self.run_id, self.shard, sent, outcome))
 
     def mark(self, keys: list[str], status: str) -> None:
         self.marks.setdefault(status, []).extend(keys)
+        self.users += len(keys)
+        self.urgent |= status != "delivered"
 
-    def delivered(self, changes: list[Change], staged: dict[str, _Staged]) -> None:
-        for c in changes:
-            s = staged[c.key]
-            self.snapshot.append((c.key, s.payload_json, s.row_hash))
+    def delivered(self, changes: list[Change]) -> None:
         self.mark([c.key for c in changes], "delivered")
+
+    def failures(self, failed: list, sent: _Sent) -> None:
+        if failed:
+            self.failed_now.append((failed, sent))
+            self.urgent = True
 
     def flush(self, conn) -> None:
         if self.batches:
             conn.execute(state.batches.insert(), self.batches)
-        if self.snapshot:  # the snapshot moves only for the users the vendor acknowledged
-            state.upsert_snapshot(conn, self.sync.spec.name, self.run_id, self.snapshot)
-            keys = [k for k, _, _ in self.snapshot if self.failed is None or k in self.failed]
-            state.clear_failures(conn, self.sync.spec.name, keys)
+        for failed, sent in self.failed_now:
+            _failed(conn, self.sync, self.run_id, failed, sent)
+        delivered = self.marks.get("delivered")
+        if delivered:  # the snapshot moves only for the users the vendor acknowledged: to what the plan staged
+            state.snapshot_from_plan(conn, self.sync.spec.name, self.run_id, delivered)
+            state.clear_failures(conn, self.sync.spec.name,
+                                 [k for k in delivered if self.failed is None or k in self.failed])
         for status, keys in self.marks.items():
             _mark(conn, self.run_id, keys, status)
 
 
-def _delivered(conn, sync, run_id, changes: list[Change], staged) -> None:
+def _delivered(conn, sync, run_id, changes: list[Change]) -> None:
     """Record users the vendor acknowledged (what a flush does for them; bench.phase times it)."""
     writes = _Writes(sync, run_id)
-    writes.delivered(changes, staged)
+    writes.delivered(changes)
     writes.flush(conn)
 
 
-def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
+def _failed(conn, sync, run_id, failed, sent: _Sent) -> None:
     """Record failures; where part of a change was (or may have been) applied, keep exactly that.
 
     The snapshot of such a user becomes its old payload plus the attributes the vendor
@@ -434,6 +441,7 @@ def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
     """
     if not failed:
         return
+    staged = state.staged_rows(conn, run_id, [c.key for c, *_ in failed])
     partial = []
     for change, cls, _, _ in failed:
         applied = set(sent.applied)
@@ -441,14 +449,13 @@ def _failed(conn, sync, run_id, failed, staged, sent: _Sent) -> None:
             applied |= {a for a, op, _ in change.ops if not op.idempotent
                         and (sent.failing is None or a in sent.failing)}
         if applied:
-            s = staged[change.key]
-            payload = s.payload
-            kept = {a: v for a, v in s.before.items() if a not in applied}
+            _, payload, before = staged[change.key]
+            kept = {a: v for a, v in before.items() if a not in applied}
             kept.update({a: payload[a] for a in applied if a in payload})
             partial.append((change.key, kept, 0))  # hash 0: the next run diffs this user again
     state.upsert_snapshot(conn, sync.spec.name, run_id, partial)
     state.record_failures(conn, sync.spec.name, run_id, [
-        (c.key, staged[c.key].source_identity, cls, code, msg) for c, cls, code, msg in failed])
+        (c.key, staged[c.key][0], cls, code, msg) for c, cls, code, msg in failed])
     _mark(conn, run_id, [c.key for c, *_ in failed], "failed")
 
 

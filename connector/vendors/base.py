@@ -38,9 +38,9 @@ class Op(str, enum.Enum):
     REMOVE = "remove"  # remove list items
     UNSET = "unset"  # delete the attribute
 
-    @property
-    def idempotent(self) -> bool:
-        return self in (Op.SET, Op.UNSET)
+    def __init__(self, value: str):
+        # a plain attribute, not a property: it is asked for every op of every request
+        self.idempotent = value in ("set", "unset")
 
 
 # Update rules a sync may name in its mapping, and what each makes of a change.
