@@ -1,0 +1,79 @@
+"""The push's writes, on a real plan in a real state database: a delivery moves the snapshot
+to exactly what the plan staged, and only deliveries may wait for the next flush."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import sqlalchemy as sa
+
+from connector import config, engine, push, state
+from connector.vendors.base import Kind, Verdict
+from conftest import make_users, user_row, write_config
+from test_tencent_im import KEY, tencent_sync
+
+N = 30
+
+
+def planned(db_url, tmp_path, monkeypatch):
+    """A sync whose run has planned N users (nothing sent), and its pending changes."""
+    monkeypatch.setenv("TEST_TENCENT_KEY", KEY)
+    make_users(db_url, [user_row(i) for i in range(N)])
+    cfg, _ = config.load(write_config(tmp_path / "syncs.yaml", db_url, [tencent_sync("http://127.0.0.1:9")]))
+    sync = engine.open_sync(cfg, "tencent_users")
+    run_id = engine.begin(sync, mode="incremental", trigger="test")
+    engine.plan(sync, run_id)
+    changes = [c for chunk in push._pending(sync, run_id, None) for c in chunk]
+    assert len(changes) == N
+    return sync, run_id, changes
+
+
+def sent(changes, verdict: Verdict) -> push._Sent:
+    return push._Sent(push._Job(changes), verdict, attempts=1, http_status=200, latency_ms=1)
+
+
+def test_a_delivery_moves_the_snapshot_to_what_the_plan_staged(db_url, tmp_path, monkeypatch):
+    sync, run_id, changes = planned(db_url, tmp_path, monkeypatch)
+    writes = push._Writes(sync, run_id)
+    push._record(sent(changes[:20], Verdict(Kind.DELIVERED)), writes, [], threading.Event(), push.PushResult(), 3)
+    with sync.state.begin() as conn:
+        writes.flush(conn)
+
+    p, s = state.plan, state.snapshot
+    with sync.state.connect() as c:
+        staged = {k: (json.loads(v), h) for k, v, h in c.execute(
+            sa.select(p.c.user_key, p.c.payload, p.c.row_hash).where(p.c.run_id == run_id))}
+        snap = {k: (json.loads(v), h, r) for k, v, h, r in c.execute(
+            sa.select(s.c.user_key, s.c.payload, s.c.row_hash, s.c.run_id).where(s.c.sync == "tencent_users"))}
+        statuses = dict(c.execute(sa.select(p.c.user_key, p.c.status).where(p.c.run_id == run_id)).all())
+    delivered = {c.key for c in changes[:20]}
+    assert snap == {k: (*staged[k], run_id) for k in delivered}
+    assert all(staged[k][0] for k in delivered)  # payloads are real, not empty
+    assert statuses == {c.key: "delivered" if c.key in delivered else "pending" for c in changes}
+
+
+def test_only_deliveries_wait_for_the_next_flush(sqlite_url, tmp_path, monkeypatch):
+    sync, run_id, changes = planned(sqlite_url, tmp_path, monkeypatch)
+    result, jobs = push.PushResult(), []
+
+    waiting = push._Writes(sync, run_id)
+    assert waiting.due() is None  # nothing to write: no deadline
+    push._record(sent(changes[:10], Verdict(Kind.DELIVERED)), waiting, jobs, threading.Event(), result, 3)
+    assert not waiting.urgent and 0 < waiting.due() <= push._Writes.FLUSH_SECONDS
+
+    # a batch going back to pending to be split: written before its halves can go
+    split = push._Writes(sync, run_id)
+    push._record(sent(changes[10:20], Verdict(Kind.SPLIT, "90018")), split, jobs, threading.Event(), result, 3)
+    assert split.urgent and [len(j.batch) for j in jobs] == [5, 5]
+
+    # a user the vendor refused: its failure row is written at once
+    refused = push._Writes(sync, run_id)
+    verdict = Verdict(Kind.DELIVERED, per_user={changes[20].key: (Kind.REJECTED, "70107", "no such account")})
+    push._record(sent(changes[20:30], verdict), refused, jobs, threading.Event(), result, 3)
+    assert refused.urgent
+    with sync.state.begin() as conn:
+        refused.flush(conn)
+    with sync.state.connect() as c:
+        failures = {r.user_key: r.error_class for r in c.execute(sa.select(state.failures))}
+    assert failures == {changes[20].key: "rejected"}
