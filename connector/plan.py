@@ -193,7 +193,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         if staged:
             c.execute(state.plan.insert(), staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
-        state.clear_failures(c, spec.name, [k for k, _, _ in settled if failed is None or k in failed])
+        state.clear_failures(c, spec.name, [k for k, _, _ in settled], among=failed)
         state.record_failures(c, spec.name, plan.run_id, rejected)
 
 

@@ -419,8 +419,7 @@ class _Writes:
         delivered = self.marks.get("delivered")
         if delivered:  # the snapshot moves only for the users the vendor acknowledged: to what the plan staged
             state.snapshot_from_plan(conn, self.sync.spec.name, self.run_id, delivered)
-            state.clear_failures(conn, self.sync.spec.name,
-                                 [k for k in delivered if self.failed is None or k in self.failed])
+            state.clear_failures(conn, self.sync.spec.name, delivered, among=self.failed)
         for status, keys in self.marks.items():
             _mark(conn, self.run_id, keys, status)
 

@@ -274,13 +274,12 @@ def snapshot_from_plan(conn: sa.Connection, sync: str, run_id: int, keys: list[s
     stmt, ts = _from_plan(conn.dialect.name), now()
     for chunk in chunked(keys, 500):
         params = {"sync": sync, "run_id": run_id, "keys": chunk, "ts": ts}
-        if conn.dialect.name not in _UPSERTS:
+        if _snapshot_upsert(conn.dialect.name) is None:  # no upsert: delete, then insert
             conn.execute(snapshot.delete().where(snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk)))
         conn.execute(stmt, params)
 
 
 _UPSERTED = ("payload", "row_hash", "run_id", "updated_at")
-_UPSERTS = ("sqlite", "postgresql", "mysql", "mariadb")
 
 
 @functools.cache
@@ -301,7 +300,7 @@ def _from_plan(dialect: str):
     if dialect in ("mysql", "mariadb"):  # the plan's columns by name: MySQL has no row alias for a SELECT
         return mysql.insert(snapshot).from_select(columns, rows).on_duplicate_key_update(
             payload=plan.c.payload, row_hash=plan.c.row_hash, run_id=plan.c.run_id, updated_at=ts)
-    return snapshot.insert().from_select(columns, rows)  # after a DELETE of the same keys
+    return snapshot.insert().from_select(columns, rows)  # no upsert (see _snapshot_upsert): after a DELETE
 
 
 @functools.cache
@@ -341,7 +340,11 @@ def record_failures(conn: sa.Connection, sync: str, run_id: int,
         for k, ident, cls, code, msg in rows])
 
 
-def clear_failures(conn: sa.Connection, sync: str, keys: list[str]) -> None:
+def clear_failures(conn: sa.Connection, sync: str, keys: list[str], among: set[str] | None = None) -> None:
+    """Delete the failure rows of ``keys``; ``among``: the keys known to have one (from
+    :func:`failure_keys`; None: unknown), so that the others cost no DELETE."""
+    if among is not None:
+        keys = [k for k in keys if k in among]
     for chunk in chunked(keys, 500):
         conn.execute(failures.delete().where(failures.c.sync == sync, failures.c.user_key.in_(chunk)))
 
