@@ -151,18 +151,15 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
 
     # second pass: attribute by attribute against the last delivered payload
     old = hashes.payloads(cand.index[known])
-    staged, settled = [], []
+    staged, settled, dumps = [], [], state.dumps
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     names = list(cand.columns)
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
                                       row_hash, src_ids.itertuples(index=False)):
         before = old.get(key)
-        ops, payload = _ops(sync, row, before, full=mode == "full")
-        if before is not None:
-            for attr in spec.mapping:
-                if _isna(row[attr.attribute]) and before.get(attr.attribute) is not None:
-                    plan.nulled[attr.attribute] += 1
+        ops, payload, nulled = _ops(sync, row, before, full=mode == "full")
+        plan.nulled.update(nulled)
         identity = dict(zip(id_cols, (_plain(v) for v in ident_row)))
         source_identity = dict(zip(id_cols.values(), (_plain(v) for v in ident_row)))
         if not ops:
@@ -180,18 +177,15 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             plan.per_attribute[attr] += 1
         if len(plan.samples) < 5:
             plan.samples.append(change)
-        staged.append({"run_id": plan.run_id, "user_key": key, "shard": zlib.crc32(key.encode()) % spec.shards,
-                       "identity": state.dumps(identity), "source_identity": state.dumps(source_identity),
-                       "ops": state.dumps([[a, o.value, v] for a, o, v in ops]), "payload": state.dumps(payload),
-                       "before": state.dumps(before or {}),
-                       "row_hash": int(h), "status": "pending"})
+        staged.append((plan.run_id, key, zlib.crc32(key.encode()) % spec.shards, dumps(identity),
+                       dumps(source_identity), dumps([[a, o.value, v] for a, o, v in ops]), dumps(payload),
+                       dumps(before or {}), int(h), "pending"))
     plan.users_settled += len(settled)
     plan.users_invalid += len(rejected)
     if not stage:
         return
     with sync.state.begin() as c:
-        if staged:
-            c.execute(state.plan.insert(), staged)
+        state.stage(c, staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
         state.clear_failures(c, spec.name, [k for k, _, _ in settled], among=failed)
         state.record_failures(c, spec.name, plan.run_id, rejected)
@@ -314,20 +308,25 @@ class Snapshot:
     def payloads(self, keys) -> dict[str, dict[str, Any]]:
         """The last delivered payloads of some of the keys just looked up."""
         rows = self.fetched if all(k in self.fetched for k in keys) else state.snapshot_rows(self.engine, self.sync, keys)
-        return {k: json.loads(rows[k][1]) for k in keys if k in rows}
+        return {k: state.loads(rows[k][1]) for k in keys if k in rows}
 
 
 def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
-    """The ops that bring the vendor from ``before`` (last delivered) to ``row`` (decoded values)."""
+    """The ops that bring the vendor from ``before`` (last delivered) to ``row`` (decoded
+    values, None for NULL), the payload after them, and the attributes that became NULL."""
     payload = dict(before or {})
     ops: list[tuple[str, Op, Any]] = []
+    nulled: list[str] = []
     for attr in sync.spec.mapping:
         name = attr.attribute
         rule = sync.vendor_cls.rules[attr.rule]
         new = row[name]
         old = payload.get(name, MISSING)
         if new is None:
-            if old is MISSING or old is None or attr.null == "skip" or rule == "once":
+            if old is MISSING or old is None:
+                continue
+            nulled.append(name)
+            if attr.null == "skip" or rule == "once":
                 continue
             if attr.null == "unset":
                 ops.append((name, Op.UNSET, None))
@@ -363,7 +362,7 @@ def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool
                 payload[name] = new if rule == "list" else had + added
         else:  # pragma: no cover - config validation keeps rules known
             raise ValueError(f"unknown rule {rule}")
-    return ops, payload
+    return ops, payload, nulled
 
 
 def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
@@ -418,10 +417,6 @@ def _identities(spec, user_ids: list[str]) -> list[dict[str, Any]]:
 def _source_identity(frame: pd.DataFrame, key: str, id_cols: dict[str, str]) -> dict[str, Any]:
     row = frame.loc[key]
     return {c: _plain(row[c]) for c in id_cols.values()}
-
-
-def _isna(v: Any) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
 
 
 def _plain(v: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import io
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
@@ -173,8 +175,19 @@ def ddl(dialect: str) -> str:
     return "\n\n".join(out) + "\n"
 
 
+_ENCODER = msgspec.json.Encoder(enc_hook=str)  # what JSON has no type for (Decimal, ...): its text
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    """Compact JSON (msgspec: a tenth of ``json.dumps``' time; the plan writes five a user)."""
+    return _ENCODER.encode(value).decode()
+
+
+def loads(text: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:  # NaN or Infinity, as Python's json wrote them: msgspec refuses
+        return json.loads(text)
 
 
 # -- runs ----------------------------------------------------------------------------
@@ -196,6 +209,28 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any]:
     with engine.connect() as c:
         row = c.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().one()
     return dict(row)
+
+
+# -- plan ----------------------------------------------------------------------------
+STAGED = ("run_id", "user_key", "shard", "identity", "source_identity", "ops", "payload", "before", "row_hash", "status")
+
+
+def stage(conn: sa.Connection, rows: list[tuple]) -> None:
+    """Insert plan rows (tuples in ``STAGED`` order). PostgreSQL through psycopg2 takes
+    them with COPY: a third of the multi-row INSERTs' time for the plan's wide JSON rows."""
+    if not rows:
+        return
+    if (conn.dialect.name, conn.dialect.driver) != ("postgresql", "psycopg2"):
+        conn.execute(plan.insert(), [dict(zip(STAGED, r)) for r in rows])
+        return
+    text = "".join("\t".join(map(_copy_text, r)) + "\n" for r in rows)
+    with conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.copy_expert(f"COPY {plan.name} ({', '.join(STAGED)}) FROM STDIN", io.StringIO(text))
+
+
+def _copy_text(value: Any) -> str:
+    """A value in COPY's text format (none of the staged values is NULL)."""
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 # -- snapshot ------------------------------------------------------------------------

@@ -77,3 +77,20 @@ def test_only_deliveries_wait_for_the_next_flush(sqlite_url, tmp_path, monkeypat
     with sync.state.connect() as c:
         failures = {r.user_key: r.error_class for r in c.execute(sa.select(state.failures))}
     assert failures == {changes[20].key: "rejected"}
+
+
+def test_staged_rows_come_back_as_written(db_url):
+    """``state.stage`` (COPY on PostgreSQL) keeps every character the plan's JSON may hold."""
+    eng = state.connect(db_url)
+    tricky = ['a\\b', 'tab\there', 'line\nbreak\r\n', '\\N', '"quoted", comma', 'é한😀', ' ']
+    rows = [(7, f"user {i}", i % 3, state.dumps({"external_id": text}), state.dumps({"user_id": text}),
+             state.dumps([["note", "set", text]]), state.dumps({"note": text}), "{}", -(2**63) + i, "pending")
+            for i, text in enumerate(tricky)]
+    with eng.begin() as c:
+        state.stage(c, rows)
+    p = state.plan
+    with eng.connect() as c:
+        back = c.execute(sa.select(*(p.c[n] for n in state.STAGED)).where(p.c.run_id == 7).order_by(p.c.row_hash)).all()
+    assert [tuple(r) for r in back] == rows
+    assert [state.loads(r[6])["note"] for r in back] == tricky
+    eng.dispose()
