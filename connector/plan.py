@@ -16,6 +16,7 @@ import json
 import logging
 import zlib
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -271,7 +272,8 @@ class Snapshot:
     payloads come along, for the second pass of those whose hash moved); once a run has
     read more than a twentieth of the snapshot, the whole of it is loaded, sorted (a 16-byte
     key digest and the row hash: 24 bytes a user), and looked up in memory.
-    A full scan (``whole``) loads it at its first lookup.
+    A full scan (``whole``) starts loading it on a thread at once, while the first chunk is
+    read: the database's work and the waits for it overlap the read.
     """
 
     def __init__(self, engine, sync: str, *, whole: bool = False):
@@ -282,6 +284,11 @@ class Snapshot:
         self.read = 0
         self.loaded: Sorted | None = None
         self.fetched: dict[str, tuple[int, str]] = {}  # the last keys asked for one by one: hash, payload
+        self.loading: Future[Sorted] | None = None
+        if whole:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="usersync-snapshot")
+            self.loading = pool.submit(self._load)
+            pool.shutdown(wait=False)
 
     def __len__(self) -> int:
         return self.size
@@ -295,15 +302,18 @@ class Snapshot:
             return (np.array([k in found for k in keys], dtype=bool),
                     np.array([found[k][0] if k in found else 0 for k in keys], dtype=np.int64))
         if self.loaded is None:
-            parts = [(digest(np.array(k, dtype=object)), np.array(h, dtype=np.int64))
-                     for k, h in state.snapshot_hashes(self.engine, self.sync)]
-            known, hashes = zip(*parts) if parts else ([np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)])
-            self.loaded = Sorted(np.concatenate(known), np.concatenate(hashes))
+            self.loaded = self.loading.result() if self.loading else self._load()
         self.fetched = {}
         pos, known = self.loaded.find(digests)
         if not known.any():
             return known, np.zeros(len(keys), dtype=np.int64)
         return known, np.where(known, self.loaded.values[0][pos], 0)
+
+    def _load(self) -> Sorted:
+        parts = [(digest(np.array(k, dtype=object)), np.array(h, dtype=np.int64))
+                 for k, h in state.snapshot_hashes(self.engine, self.sync)]
+        known, hashes = zip(*parts) if parts else ([np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)])
+        return Sorted(np.concatenate(known), np.concatenate(hashes))
 
     def payloads(self, keys) -> dict[str, dict[str, Any]]:
         """The last delivered payloads of some of the keys just looked up."""
