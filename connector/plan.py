@@ -81,7 +81,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
         plan.users_read += len(frame)
         if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
-            top = _plain(frame[spec.cursor].dropna().max())
+            top = state.plain(frame[spec.cursor].dropna().max())
             plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
         _plan_chunk(sync, plan, frame, hashes, seen, duplicates, failed, mode=mode, stage=stage)
         crashpoint("extract_chunk")
@@ -161,8 +161,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         before = old.get(key)
         ops, payload, nulled = _ops(sync, row, before, full=mode == "full")
         plan.nulled.update(nulled)
-        identity = dict(zip(id_cols, (_plain(v) for v in ident_row)))
-        source_identity = dict(zip(id_cols.values(), (_plain(v) for v in ident_row)))
+        identity = dict(zip(id_cols, (state.plain(v) for v in ident_row)))
+        source_identity = dict(zip(id_cols.values(), (state.plain(v) for v in ident_row)))
         if not ops:
             settled.append((key, payload, int(h)))
             continue
@@ -426,18 +426,7 @@ def _identities(spec, user_ids: list[str]) -> list[dict[str, Any]]:
 
 def _source_identity(frame: pd.DataFrame, key: str, id_cols: dict[str, str]) -> dict[str, Any]:
     row = frame.loc[key]
-    return {c: _plain(row[c]) for c in id_cols.values()}
-
-
-def _plain(v: Any) -> Any:
-    """numpy / pandas scalars as plain Python values (JSON and bind parameters)."""
-    if isinstance(v, pd.Timestamp):
-        return v.to_pydatetime()
-    if isinstance(v, np.generic):
-        return v.item()
-    if v is pd.NA:
-        return None
-    return v
+    return {c: state.plain(row[c]) for c in id_cols.values()}
 
 
 def _row_text(row: pd.Series, cols) -> str:

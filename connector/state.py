@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
+import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
@@ -175,7 +177,24 @@ def ddl(dialect: str) -> str:
     return "\n\n".join(out) + "\n"
 
 
-_ENCODER = msgspec.json.Encoder(enc_hook=str)  # what JSON has no type for (Decimal, ...): its text
+def plain(value: Any) -> Any:
+    """numpy / pandas scalars as plain Python values (JSON and bind parameters)."""
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is pd.NA:
+        return None
+    return value
+
+
+def _encodable(value: Any) -> Any:
+    """What msgspec has no JSON type for: numpy and pandas scalars as Python's, the rest (Decimal, ...) as text."""
+    out = plain(value)
+    return str(value) if out is value else out
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_encodable)
 
 
 def dumps(value: Any) -> str:
