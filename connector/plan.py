@@ -12,6 +12,7 @@ payload, which decides the ops each update rule needs. The result is staged in
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import zlib
@@ -77,7 +78,8 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
     else:
-        chunks = extract.ahead(extract.read(sync.warehouse, sync.source, spec, since=since, window=window))
+        chunks = extract.read(sync.warehouse, sync.source, spec, since=since, window=window)
+        chunks = extract.ahead(chunks) if state.threads_share(sync.warehouse) else chunks
     for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
         plan.users_read += len(frame)
         if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
@@ -161,8 +163,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         before = old.get(key)
         ops, payload, nulled = _ops(sync, row, before, full=mode == "full")
         plan.nulled.update(nulled)
-        identity = dict(zip(id_cols, (state.plain(v) for v in ident_row)))
-        source_identity = dict(zip(id_cols.values(), (state.plain(v) for v in ident_row)))
+        identity = dict(zip(id_cols, (_identity_value(v) for v in ident_row)))
+        source_identity = dict(zip(id_cols.values(), (_identity_value(v) for v in ident_row)))
         if not ops:
             settled.append((key, payload, int(h)))
             continue
@@ -285,7 +287,7 @@ class Snapshot:
         self.loaded: Sorted | None = None
         self.fetched: dict[str, tuple[int, str]] = {}  # the last keys asked for one by one: hash, payload
         self.loading: Future[Sorted] | None = None
-        if whole:
+        if whole and state.threads_share(engine):
             pool = ThreadPoolExecutor(1, thread_name_prefix="usersync-snapshot")
             self.loading = pool.submit(self._load)
             pool.shutdown(wait=False)
@@ -426,7 +428,14 @@ def _identities(spec, user_ids: list[str]) -> list[dict[str, Any]]:
 
 def _source_identity(frame: pd.DataFrame, key: str, id_cols: dict[str, str]) -> dict[str, Any]:
     row = frame.loc[key]
-    return {c: state.plain(row[c]) for c in id_cols.values()}
+    return {c: _identity_value(row[c]) for c in id_cols.values()}
+
+
+def _identity_value(v: Any) -> Any:
+    """An identity value as its JSON keeps it: a datetime as its ``str()``, the text its user
+    key was built from (JSON's own ISO form would not match that key when re-read)."""
+    v = state.plain(v)
+    return str(v) if isinstance(v, dt.datetime) else v
 
 
 def _row_text(row: pd.Series, cols) -> str:

@@ -145,6 +145,12 @@ def create_tables(engine: Engine) -> None:
             c.execute(sa.text("ALTER TABLE sync_plan ADD COLUMN in_flight TEXT"))
 
 
+def threads_share(engine: Engine) -> bool:
+    """Whether a connection opened on another thread sees the same database (not so for an
+    in-memory SQLite database, which SQLAlchemy keeps one per thread)."""
+    return not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"))
+
+
 def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):

@@ -1,7 +1,9 @@
 """The first pass's sorted key digests: found by the first 64 bits, confirmed by the second."""
 
 import numpy as np
+import pandas as pd
 
+from connector import plan, state
 from connector.plan import KeySet, Sorted, digest
 
 
@@ -44,3 +46,20 @@ def test_keyset_remembers_every_chunk_across_merges():
     # a key that shares only a first half with a known one is not known
     known = digest(everyone[:1])
     assert not seen.contains(pairs(known[0, 0], known[0, 1] ^ np.uint64(1))).any()
+
+
+def test_a_full_scan_finds_the_snapshot_of_an_in_memory_state_database():
+    """The snapshot loads on a thread only where a thread's connection sees the same database."""
+    eng = state.connect("sqlite://")
+    with eng.begin() as c:
+        state.upsert_snapshot(c, "s", 1, [("u1", {"a": 1}, 42)])
+    snap = plan.Snapshot(eng, "s", whole=True)
+    keys = np.array(["u1", "u2"], dtype=object)
+    known, hashes = snap.lookup(keys, digest(keys))
+    assert known.tolist() == [True, False] and hashes.tolist() == [42, 0]
+
+
+def test_a_datetime_identity_is_kept_as_the_text_its_key_was_built_from():
+    ts = pd.Timestamp("2024-01-02 03:04:05", tz="UTC")
+    kept = state.loads(state.dumps({"signed_up": plan._identity_value(ts)}))["signed_up"]
+    assert kept == plan._key_of((ts,)) == "2024-01-02 03:04:05+00:00"
