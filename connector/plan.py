@@ -163,8 +163,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         before = old.get(key)
         ops, payload, nulled = _ops(sync, row, before, full=mode == "full")
         plan.nulled.update(nulled)
-        identity = dict(zip(id_cols, (_identity_value(v) for v in ident_row)))
-        source_identity = dict(zip(id_cols.values(), (_identity_value(v) for v in ident_row)))
+        ident_values = [_identity_value(v) for v in ident_row]
+        identity, source_identity = dict(zip(id_cols, ident_values)), dict(zip(id_cols.values(), ident_values))
         if not ops:
             settled.append((key, payload, int(h)))
             continue
