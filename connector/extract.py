@@ -1,6 +1,7 @@
 """Read users from the warehouse, in chunks, through SQLAlchemy Core.
 
-Only the mapped, identity and cursor columns are selected. With a cursor column, only
+Only the mapped, identity and cursor columns are selected, and the database's hash of the
+mapped ones where it has one (``rowhash.in_database``). With a cursor column, only
 rows at or past the watermark are read (``>=``: rows that share the boundary value are
 read again and cost nothing, since the diff finds them unchanged).
 """
@@ -16,6 +17,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from connector import rowhash
 from connector.config import Config, SyncSpec
 
 
@@ -39,6 +41,16 @@ def needed_columns(spec: SyncSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def keyed(src: sa.FromClause, spec: SyncSpec) -> bool:
+    """Whether users can be read back by identity cheaply: a table an identity column leads
+    an index of (a SQL file's query would run again for every batch of identities)."""
+    if not isinstance(src, sa.Table):
+        return False
+    ids = {c.lower() for c in spec.identity_columns.values()}
+    keys = [src.primary_key, *src.indexes, *(c for c in src.constraints if isinstance(c, sa.UniqueConstraint))]
+    return any(k.columns and next(iter(k.columns)).name.lower() in ids for k in keys)
+
+
 def read(
     engine: Engine,
     src: sa.FromClause,
@@ -48,14 +60,20 @@ def read(
     window: tuple[Any, Any] | None = None,
     identities: Sequence[dict[str, Any]] | None = None,
     chunk_size: int | None = None,
+    keys_only: bool = False,
 ) -> Iterator[pd.DataFrame]:
     """Yield DataFrames of at most ``chunk_size`` rows.
 
     ``since``: cursor watermark (``cursor >= since``); ``window``: [start, end) on the
     cursor (backfills); ``identities``: read exactly these users (dicts of identity
-    column -> value) instead of a scan.
+    column -> value) instead of a scan; ``keys_only``: the identity and cursor columns and
+    the database's row hash, without the mapped columns.
     """
-    cols = [src.c[c] for c in needed_columns(spec)]
+    names = needed_columns(spec)
+    hashed = rowhash.in_database(engine, [src.c[a.column] for a in spec.mapping])
+    if keys_only:
+        names = [c for c in names if c in spec.identity_columns.values() or c == spec.cursor]
+    cols = [src.c[c] for c in names] + ([hashed] if hashed is not None else [])
     base = sa.select(*cols)
     if spec.cursor is not None:
         cur = src.c[spec.cursor]
@@ -103,6 +121,8 @@ def ahead(chunks: Iterator[T]) -> Iterator[T]:
 
 def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":  # floats' text in full (rowhash.in_database)
+            conn.execute(sa.text("SET LOCAL extra_float_digits = 3"))
         conn = conn.execution_options(stream_results=True, yield_per=size)
         yield from pd.read_sql(query, conn, chunksize=size, coerce_float=False)
 

@@ -11,6 +11,7 @@ payload, which decides the ops each update rule needs. The result is staged in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -40,6 +41,7 @@ class Plan:
     users_changed: int = 0  # users with something to send
     users_invalid: int = 0  # set aside while mapping
     users_settled: int = 0  # hash moved, nothing to send
+    reread: int = 0  # users a first pass found moved, read again whole
     snapshot_size: int = 0
     existing_changed: int = 0  # changed users already in the snapshot
     per_attribute: Counter = dataclasses.field(default_factory=Counter)
@@ -68,32 +70,79 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
     spec = sync.spec
     plan = Plan(run_id)
-    hashes = Snapshot(sync.state, spec.name, whole=(since is None or not spec.cursor) and window is None and not user_ids)
+    whole = (since is None or not spec.cursor) and window is None and not user_ids
+    hashes = Snapshot(sync.state, spec.name, whole=whole)
     plan.snapshot_size = len(hashes)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
     beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
     failed = state.failure_keys(sync.state, spec.name)  # settling a user clears only theirs
 
+    moved = _first_pass(sync, plan, hashes, seen, duplicates, progress) if whole and mode != "full" else None
+    if moved is None and plan.users_read:  # the first pass gave up: one full read instead
+        plan, seen, duplicates = Plan(run_id, snapshot_size=len(hashes)), KeySet(), set()
+    admitted = seen if moved is None else KeySet()  # the first pass saw every key once already
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
+    elif moved is not None:
+        chunks = extract.read(sync.warehouse, sync.source, spec, identities=moved)
     else:
         chunks = extract.read(sync.warehouse, sync.source, spec, since=since, window=window)
         chunks = extract.ahead(chunks) if state.threads_share(sync.warehouse) else chunks
     for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
-        plan.users_read += len(frame)
-        if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
-            top = state.plain(frame[spec.cursor].dropna().max())
-            plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
-        _plan_chunk(sync, plan, frame, hashes, seen, duplicates, failed, mode=mode, stage=stage)
+        scanned = moved is not None and not frame.attrs.get("retry")  # counted by the first pass
+        if not scanned:
+            plan.users_read += len(frame)
+            _watermark(plan, spec, frame)
+        _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage)
         crashpoint("extract_chunk")
         if stage:  # long plans keep the lock alive
             beat()
         if progress:
-            progress.update(rows=len(frame), planned=plan.users_changed)
+            progress.update(rows=0 if scanned else len(frame), planned=plan.users_changed)
     if duplicates and stage:
         _reject_duplicates(sync, plan, duplicates)
     return plan
+
+
+def _first_pass(sync, plan: Plan, hashes: Snapshot, seen: KeySet, duplicates: set[str], progress) -> list | None:
+    """A full scan's first pass, where the database hashes rows and users can be read back
+    by identity: only identities and the database's row hash, against the snapshot's. The
+    identities of the users whose hash moved (to be read whole), or None: not possible here,
+    or more than a tenth of the snapshot moved (then one full read is cheaper)."""
+    spec = sync.spec
+    if not len(hashes) or not rowhash.hashes_in(sync.warehouse) or not extract.keyed(sync.source, spec):
+        return None
+    id_cols = list(spec.identity_columns.values())
+    fingerprint = _fingerprint(sync)
+    moved, moved_keys = [], []
+    chunks = extract.read(sync.warehouse, sync.source, spec, keys_only=True)
+    with contextlib.closing(extract.ahead(chunks) if state.threads_share(sync.warehouse) else chunks) as chunks:
+        for frame in chunks:
+            plan.users_read += len(frame)
+            _watermark(plan, spec, frame)
+            frame, digests = _admit(plan, frame, seen, duplicates, id_cols)
+            known, old_hash = hashes.lookup(frame.index.to_numpy(), digests)
+            changed = (old_hash != rowhash.row_hashes(frame, [], fingerprint)) | ~known
+            moved_keys.extend(frame.index[changed])
+            moved.extend(frame.loc[changed, id_cols].to_dict("records"))
+            if len(moved) > len(hashes) / 10:
+                log.info("%d of %d users moved by the %d rows read; reading the source whole", len(moved),
+                         len(hashes), plan.users_read)
+                return None
+            if progress:
+                progress.update(rows=len(frame))
+    moved = [i for i, k in zip(moved, moved_keys) if k not in duplicates]
+    plan.reread = len(moved)
+    log.info("%d rows scanned by the database's row hash; %d users moved, read again whole",
+             plan.users_read, len(moved))
+    return moved
+
+
+def _watermark(plan: Plan, spec, frame: pd.DataFrame) -> None:
+    if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
+        top = state.plain(frame[spec.cursor].dropna().max())
+        plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
 
 
 def _with_failures(sync, chunks, seen: KeySet, retry: bool):
@@ -116,26 +165,12 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
                 *, mode: str, stage: bool) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
-    keys, bad_identity = _keys(frame, list(id_cols.values()))
-    frame = frame.set_axis(pd.Index(keys, dtype=object))
     invalid: dict[str, str] = {}
-    for i in np.flatnonzero(bad_identity):
-        log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols.values()))
-        plan.users_invalid += 1
-    ok = ~bad_identity
-    ok_keys, digests = keys[ok], digest(keys)
-    twice = pd.Series(digests[ok, 0]).duplicated(keep=False).to_numpy(copy=True)  # by the digests' first halves,
-    if twice.any():  # confirmed by the keys themselves
-        twice[twice] = pd.Series(ok_keys[twice], dtype=object).duplicated(keep=False).to_numpy()
-    duplicates.update(ok_keys[twice | seen.contains(digests[ok])])
-    dup_mask = np.array([k in duplicates for k in keys]) if duplicates else np.zeros(len(keys), dtype=bool)
-    usable = ok & ~dup_mask
-    seen.add(digests[usable])
-    frame = frame[usable]
+    frame, digests = _admit(plan, frame, seen, duplicates, list(id_cols.values()))
 
     # diff, first pass: hash of the source row against the snapshot's
     row_hash = rowhash.row_hashes(frame, [a.column for a in spec.mapping], _fingerprint(sync))
-    known, old_hash = hashes.lookup(frame.index.to_numpy(), digests[usable])
+    known, old_hash = hashes.lookup(frame.index.to_numpy(), digests)
     moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(frame), dtype=bool)
     frame, row_hash, known = frame[moved], row_hash[moved], known[moved]
 
@@ -192,6 +227,27 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
         state.clear_failures(c, spec.name, [k for k, _, _ in settled], among=failed)
         state.record_failures(c, spec.name, plan.run_id, rejected)
+
+
+def _admit(plan: Plan, frame: pd.DataFrame, seen: KeySet, duplicates: set[str],
+           id_cols: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The chunk's rows indexed by user key, without those whose identity is empty or read
+    twice (set aside), and their key digests; those keys join ``seen``."""
+    keys, bad_identity = _keys(frame, id_cols)
+    frame = frame.set_axis(pd.Index(keys, dtype=object))
+    for i in np.flatnonzero(bad_identity):
+        log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols))
+        plan.users_invalid += 1
+    ok = ~bad_identity
+    ok_keys, digests = keys[ok], digest(keys)
+    twice = pd.Series(digests[ok, 0]).duplicated(keep=False).to_numpy(copy=True)  # by the digests' first halves,
+    if twice.any():  # confirmed by the keys themselves
+        twice[twice] = pd.Series(ok_keys[twice], dtype=object).duplicated(keep=False).to_numpy()
+    duplicates.update(ok_keys[twice | seen.contains(digests[ok])])
+    dup_mask = np.array([k in duplicates for k in keys]) if duplicates else np.zeros(len(keys), dtype=bool)
+    usable = ok & ~dup_mask
+    seen.add(digests[usable])
+    return frame[usable], digests[usable]
 
 
 def _fingerprint(sync) -> str:

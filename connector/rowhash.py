@@ -1,4 +1,12 @@
-"""The diff's first pass: a 64-bit hash of each user's *source* row, a column at a time.
+"""The diff's first pass: a 64-bit hash of each user's *source* row.
+
+Where the database can, it computes the row's hash itself (``in_database``): PostgreSQL
+hashes the row's text, SQLite renders the row as one JSON text that is hashed here. A plan
+then reads just identities and that one value per row, and re-reads by identity only the
+users whose hash moved: the per-cell work of turning every value into Python is skipped for
+the users that did not change. The text is exact (floats in full precision; PostgreSQL's
+``extra_float_digits`` is pinned by the reader), so a changed value always moves it.
+Elsewhere (MySQL/MariaDB, other dialects) the rows are hashed here, a column at a time:
 
 Hashing the values as read (not their coerced wire form) lets a plan coerce only the
 users whose hash moved: unchanged users cost one hash and one comparison. The mapping's
@@ -15,11 +23,15 @@ hash, never hide a change: the second pass, against the delivered payload, decid
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 from pandas.core.util.hashing import combine_hash_arrays
 
 KEY = "usersync-rows-v1"
+COLUMN = "usersync_row_hash"  # the label of the in-database hash in a read's frame
 _MAX_EXACT = 2.0**53  # past this a float no longer holds every integer
 _SAMPLE = 1000  # values looked at to judge whether a text column is mostly distinct
 
@@ -36,12 +48,54 @@ def _texts(values) -> np.ndarray:
 NULL, TRUE, FALSE = _texts(["\x00usersync:null", "True", "False"])
 
 
+def hashes_in(engine: sa.Engine) -> bool:
+    """Whether this warehouse hashes its rows itself (``in_database``)."""
+    dialect = engine.dialect
+    if dialect.name == "postgresql":
+        if dialect.server_version_info is None:  # known once connected
+            engine.connect().close()
+        return dialect.server_version_info >= (11,)  # hashtextextended
+    return dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38)  # JSON built in
+
+
+def in_database(engine: sa.Engine, columns: list[sa.ColumnElement]) -> sa.Label | None:
+    """The expression a read selects (as ``COLUMN``) for its rows' hash, or None where the
+    rows are hashed here. Its value only ever moves when a column's does (a changed server
+    setting such as ``TimeZone`` can move it too, which costs a re-read, never a change)."""
+    if not hashes_in(engine):
+        return None
+    if engine.dialect.name == "postgresql":
+        return sa.func.hashtextextended(sa.cast(sa.func.ROW(*columns), sa.Text), 0).label(COLUMN)
+    # SQLite: as a BLOB, so bytes, never decoded (a BLOB cast to text need not be UTF-8)
+    return sa.cast(sa.func.json_array(*(_sqlite_exact(c) for c in columns)), sa.LargeBinary).label(COLUMN)
+
+
+def _sqlite_exact(col: sa.ColumnElement) -> sa.ColumnElement:
+    """A cell as JSON takes it whole: SQLite's own text of a REAL has 15 digits, so a column
+    declared to hold reals (or of unknown type) is quoted (exact); others go as text (a BLOB,
+    which JSON refuses, too). Left: a REAL of more than 15 digits in an INTEGER, DATE or
+    BOOLEAN column (SQLite lets any column hold any type) is hashed at 15 digits."""
+    if isinstance(col.type, (sa.Float, sa.Numeric, sa.types.NullType)):
+        return sa.func.quote(col)
+    return sa.cast(col, sa.Text)
+
+
 def row_hashes(frame: pd.DataFrame, columns: list[str], fingerprint: str) -> np.ndarray:
-    """One signed 64-bit hash per row of ``frame`` over ``columns`` (in order) and ``fingerprint``."""
+    """One signed 64-bit hash per row of ``frame`` over ``columns`` (in order) and ``fingerprint``;
+    over the database's hash where the frame has it (``COLUMN``)."""
     n = len(frame)
     salt = np.full(n, _texts([fingerprint])[0], dtype=np.uint64)
-    hashed = [salt, *(column_hashes(frame[c]) for c in columns)]
+    if COLUMN in frame:
+        hashed = [salt, _database(frame[COLUMN])]
+    else:
+        hashed = [salt, *(column_hashes(frame[c]) for c in columns)]
     return combine_hash_arrays(iter(hashed), len(hashed)).view(np.int64)
+
+
+def _database(s: pd.Series) -> np.ndarray:
+    if pd.api.types.is_integer_dtype(s.dtype):  # PostgreSQL's hash
+        return s.to_numpy(dtype=np.int64).view(np.uint64)
+    return _texts(s.to_numpy(dtype=object))  # SQLite's JSON, as bytes
 
 
 def column_hashes(s: pd.Series) -> np.ndarray:
