@@ -13,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from connector import rowhash
+from connector import rowhash, state
 from connector.config import Config, SyncSpec
 
 
@@ -87,7 +88,7 @@ def read(
                 base = base.where(cur < _bind(cur, end, engine.dialect.name))
     size = chunk_size or spec.chunk_size
     if identities is None:
-        yield from _chunks(engine, base, size)
+        yield from (_driver_chunks if keys_only else _chunks)(engine, base, size)
         return
     id_cols = list(spec.identity_columns.values())
     for i in range(0, len(identities), 500):
@@ -121,10 +122,38 @@ def ahead(chunks: Iterator[T]) -> Iterator[T]:
 
 def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:
     with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":  # floats' text in full (rowhash.in_database)
-            conn.execute(sa.text("SET LOCAL extra_float_digits = 3"))
+        _pin(conn)
         conn = conn.execution_options(stream_results=True, yield_per=size)
         yield from pd.read_sql(query, conn, chunksize=size, coerce_float=False)
+
+
+def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:
+    """``_chunks`` of a few columns, from the driver's own (server-side on PostgreSQL) cursor:
+    at two or three columns, SQLAlchemy's rows and pandas' parsing of them are a third of the
+    work (1M users' identities and row hashes on SQLite: 3.0-3.2 s, 4.4-4.6 s by ``_chunks``).
+    Each column's type still converts its values."""
+    dialect = engine.dialect
+    cols = list(query.selected_columns)
+    convert = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in cols]
+    with engine.connect() as conn:
+        _pin(conn)
+        raw = conn.connection
+        cursor = raw.cursor(name="usersync_scan") if dialect.name == "postgresql" else raw.cursor()
+        try:
+            state.driver_execute(conn, cursor, query)
+            while rows := cursor.fetchmany(size):
+                frame = {}
+                for i, (col, f) in enumerate(zip(cols, convert)):
+                    frame[col.name] = array = np.empty(len(rows), dtype=object)
+                    array[:] = [f(r[i]) for r in rows] if f else [r[i] for r in rows]
+                yield pd.DataFrame(frame).infer_objects()
+        finally:
+            cursor.close()
+
+
+def _pin(conn: sa.Connection) -> None:
+    if conn.dialect.name == "postgresql":  # floats' text in full (rowhash.in_database)
+        conn.execute(sa.text("SET LOCAL extra_float_digits = 3"))
 
 
 def _bind(col: sa.ColumnElement, value: Any, dialect: str) -> Any:

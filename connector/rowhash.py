@@ -1,19 +1,19 @@
 """The diff's first pass: a 64-bit hash of each user's *source* row.
 
-Where the database can, it computes the row's hash itself (``in_database``): PostgreSQL
-hashes the row's text, SQLite renders the row as one JSON text that is hashed here. A plan
-then reads just identities and that one value per row, and re-reads by identity only the
-users whose hash moved: the per-cell work of turning every value into Python is skipped for
-the users that did not change. The text is exact (floats in full precision; PostgreSQL's
-``extra_float_digits`` is pinned by the reader), so a changed value always moves it.
-Elsewhere (MySQL/MariaDB, other dialects) the rows are hashed here, a column at a time:
-
 Hashing the values as read (not their coerced wire form) lets a plan coerce only the
 users whose hash moved: unchanged users cost one hash and one comparison. The mapping's
 fingerprint (each attribute's column, name, rule and wire type) is folded in, so a
 changed mapping or format moves every hash once and the second pass decides.
 
-A value hashes the same whatever dtype its chunk arrived as: 5 and 5.0 alike (integer
+Where the database can, it renders the row itself (``in_database``): PostgreSQL hashes the
+row's text (``hashtextextended``), SQLite returns it as one JSON text, hashed here. A full
+scan then reads just identities and that one value per row, and re-reads by identity only
+the users whose hash moved: turning every cell into Python is skipped for the users that
+did not change. The text is exact (floats in full: PostgreSQL's ``extra_float_digits`` is
+pinned by the reader, SQLite's REAL columns are quoted), so a changed value moves it.
+Elsewhere (MySQL/MariaDB, other dialects) the rows are hashed here, a column at a time.
+
+A value hashed here hashes the same whatever dtype its chunk arrived as: 5 and 5.0 alike (integer
 columns with NULLs come as floats), NULL apart from every text (also 'None'), booleans
 as the text 'True'/'False' (as an object column of them is hashed), Python dates and
 datetimes as the datetime64 they equal. A column that comes
