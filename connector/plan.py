@@ -72,7 +72,6 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     plan = Plan(run_id)
     whole = (since is None or not spec.cursor) and window is None and not user_ids
     hashes = Snapshot(sync.state, spec.name, whole=whole)
-    plan.snapshot_size = len(hashes)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
     beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
@@ -80,7 +79,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
 
     moved = _first_pass(sync, plan, hashes, seen, duplicates, progress) if whole and mode != "full" else None
     if moved is None and plan.users_read:  # the first pass gave up: one full read instead
-        plan, seen, duplicates = Plan(run_id, snapshot_size=len(hashes)), KeySet(), set()
+        plan, seen, duplicates = Plan(run_id), KeySet(), set()
     admitted = seen if moved is None else KeySet()  # the first pass saw every key once already
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
@@ -102,6 +101,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
             progress.update(rows=0 if scanned else len(frame), planned=plan.users_changed)
     if duplicates and stage:
         _reject_duplicates(sync, plan, duplicates)
+    plan.snapshot_size = len(hashes)
     return plan
 
 
@@ -189,14 +189,14 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
 
     # second pass: attribute by attribute against the last delivered payload
     old = hashes.payloads(cand.index[known])
-    staged, settled, dumps = [], [], state.dumps
+    staged, settled, dumps, rules = [], [], state.dumps, _rules(sync)
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     names = list(cand.columns)
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
                                       row_hash, src_ids.itertuples(index=False)):
         before = old.get(key)
-        ops, payload, nulled = _ops(sync, row, before, full=mode == "full")
+        ops, payload, nulled = _ops(rules, row, before, full=mode == "full")
         plan.nulled.update(nulled)
         ident_values = [_identity_value(v) for v in ident_row]
         identity, source_identity = dict(zip(id_cols, ident_values)), dict(zip(id_cols.values(), ident_values))
@@ -338,25 +338,33 @@ class Snapshot:
 
     def __init__(self, engine, sync: str, *, whole: bool = False):
         self.engine, self.sync, self.whole = engine, sync, whole
-        s = state.snapshot
-        with engine.connect() as c:
-            self.size = c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == sync)).scalar()
         self.read = 0
         self.loaded: Sorted | None = None
         self.fetched: dict[str, tuple[int, str]] = {}  # the last keys asked for one by one: hash, payload
+        self.size: int | Future[int]
         self.loading: Future[Sorted] | None = None
-        if whole and state.threads_share(engine):
-            pool = ThreadPoolExecutor(1, thread_name_prefix="usersync-snapshot")
-            self.loading = pool.submit(self._load)
+        if state.threads_share(engine):  # the count (and the load) run beside the first chunk's read
+            pool = ThreadPoolExecutor(2, thread_name_prefix="usersync-snapshot")
+            self.size = pool.submit(self._count)
+            self.loading = pool.submit(self._load) if whole else None
             pool.shutdown(wait=False)
+        else:
+            self.size = self._count()
 
     def __len__(self) -> int:
+        if isinstance(self.size, Future):
+            self.size = self.size.result()
         return self.size
+
+    def _count(self) -> int:
+        s = state.snapshot
+        with self.engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == self.sync)).scalar()
 
     def lookup(self, keys: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(known, row hash or 0) for each key (``digests``: theirs)."""
         self.read += len(keys)
-        if self.loaded is None and not self.whole and self.read <= self.size / 20:
+        if self.loaded is None and not self.whole and self.read <= len(self) / 20:
             # the moved among them are diffed against their payloads next
             self.fetched = found = state.snapshot_rows(self.engine, self.sync, keys)
             return (np.array([k in found for k in keys], dtype=bool),
@@ -381,24 +389,27 @@ class Snapshot:
         return {k: state.loads(rows[k][1]) for k in keys if k in rows}
 
 
-def _ops(sync, row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
+def _rules(sync) -> list[tuple[str, str, str]]:
+    """(attribute, the vendor's rule, NULL policy) of each mapped attribute, for ``_ops``."""
+    return [(a.attribute, sync.vendor_cls.rules[a.rule], a.null) for a in sync.spec.mapping]
+
+
+def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
     """The ops that bring the vendor from ``before`` (last delivered) to ``row`` (decoded
     values, None for NULL), the payload after them, and the attributes that became NULL."""
     payload = dict(before or {})
     ops: list[tuple[str, Op, Any]] = []
     nulled: list[str] = []
-    for attr in sync.spec.mapping:
-        name = attr.attribute
-        rule = sync.vendor_cls.rules[attr.rule]
+    for name, rule, null in rules:
         new = row[name]
         old = payload.get(name, MISSING)
         if new is None:
             if old is MISSING or old is None:
                 continue
             nulled.append(name)
-            if attr.null == "skip" or rule == "once":
+            if null == "skip" or rule == "once":
                 continue
-            if attr.null == "unset":
+            if null == "unset":
                 ops.append((name, Op.UNSET, None))
                 del payload[name]
             else:
