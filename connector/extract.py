@@ -88,7 +88,8 @@ def read(
                 base = base.where(cur < _bind(cur, end, engine.dialect.name))
     size = chunk_size or spec.chunk_size
     if identities is None:
-        yield from (_driver_chunks if keys_only else _chunks)(engine, base, size)
+        by_driver = keys_only and (engine.dialect.name, engine.dialect.driver) in _DRIVER_CURSORS
+        yield from (_driver_chunks if by_driver else _chunks)(engine, base, size)
         return
     id_cols = list(spec.identity_columns.values())
     for i in range(0, len(identities), 500):
@@ -103,13 +104,17 @@ def read(
 T = TypeVar("T")
 
 
-def ahead(chunks: Iterator[T]) -> Iterator[T]:
-    """``chunks``, each next one read on a worker thread while the caller works on this one.
+def ahead(chunks: Iterator[T], engine: Engine) -> Iterator[T]:
+    """``chunks``, each next one read on a worker thread while the caller works on this one
+    (as they are, where a thread's connection would not see ``engine``'s database).
 
     The driver waits for the database without holding the GIL, so reading and planning
     overlap. The iterator is only ever advanced (and closed) on that one thread, so the
     connection it holds stays on the thread that opened it.
     """
+    if not state.threads_share(engine):
+        yield from chunks
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="usersync-read") as pool:
         try:
             pending = pool.submit(next, chunks, None)
@@ -125,6 +130,9 @@ def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFram
         _pin(conn)
         conn = conn.execution_options(stream_results=True, yield_per=size)
         yield from pd.read_sql(query, conn, chunksize=size, coerce_float=False)
+
+
+_DRIVER_CURSORS = {("sqlite", "pysqlite"), ("postgresql", "psycopg2"), ("postgresql", "psycopg")}  # that stream
 
 
 def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:

@@ -86,8 +86,8 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     elif moved is not None:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=moved)
     else:
-        chunks = extract.read(sync.warehouse, sync.source, spec, since=since, window=window)
-        chunks = extract.ahead(chunks) if state.threads_share(sync.warehouse) else chunks
+        chunks = extract.ahead(extract.read(sync.warehouse, sync.source, spec, since=since, window=window),
+                               sync.warehouse)
     for frame in _with_failures(sync, chunks, seen, retry=not user_ids):
         scanned = moved is not None and not frame.attrs.get("retry")  # counted by the first pass
         if not scanned:
@@ -116,8 +116,8 @@ def _first_pass(sync, plan: Plan, hashes: Snapshot, seen: KeySet, duplicates: se
     id_cols = list(spec.identity_columns.values())
     fingerprint = _fingerprint(sync)
     moved, moved_keys = [], []
-    chunks = extract.read(sync.warehouse, sync.source, spec, keys_only=True)
-    with contextlib.closing(extract.ahead(chunks) if state.threads_share(sync.warehouse) else chunks) as chunks:
+    chunks = extract.ahead(extract.read(sync.warehouse, sync.source, spec, keys_only=True), sync.warehouse)
+    with contextlib.closing(chunks):
         for frame in chunks:
             plan.users_read += len(frame)
             _watermark(plan, spec, frame)
