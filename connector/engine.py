@@ -147,11 +147,17 @@ def begin(sync: Sync, *, mode: str, trigger: str) -> int:
     return run_id
 
 
+FINALIZED = ("success", "partial", "failed", "blocked", "skipped")  # statuses whose runs left no plan rows
+
+
 def _clear_dead_runs(sync: Sync, run_id: int) -> None:
     """With the lock held, any other run's plan rows are a dead run's: settle what it had in
-    flight (at most once), then drop them — the new plan starts from the snapshot."""
+    flight (at most once), then drop them — the new plan starts from the snapshot.
+    A finalized run deleted its own rows when it recorded its status (a dry run excepted), so
+    only the others are looked at (not the deleted rows of every run since the last VACUUM)."""
     r = state.runs
-    others = state.plan.c.run_id.in_(sa.select(r.c.run_id).where(r.c.sync == sync.spec.name, r.c.run_id != run_id))
+    others = state.plan.c.run_id.in_(sa.select(r.c.run_id).where(
+        r.c.sync == sync.spec.name, r.c.run_id != run_id, r.c.status.notin_(FINALIZED)))
     with sync.state.begin() as c:
         pushing.settle_in_doubt(sync, c, others)
         c.execute(state.plan.delete().where(others))

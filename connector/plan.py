@@ -403,6 +403,8 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
     for name, rule, null in rules:
         new = row[name]
         old = payload.get(name, MISSING)
+        if new == old and not full:  # unchanged: no rule sends anything (most attributes of a changed user)
+            continue
         if new is None:
             if old is MISSING or old is None:
                 continue

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Engine
 
 metadata = sa.MetaData()
@@ -249,7 +249,11 @@ def stage(conn: sa.Connection, rows: list[tuple]) -> None:
     if (conn.dialect.name, conn.dialect.driver) != ("postgresql", "psycopg2"):
         conn.execute(plan.insert(), [dict(zip(STAGED, r)) for r in rows])
         return
-    text = "".join("\t".join(map(_copy_text, r)) + "\n" for r in rows)
+    text = "".join("\t".join(map(str, r)) + "\n" for r in rows)
+    if text.count("\t") == len(rows) * (len(STAGED) - 1) and text.count("\n") == len(rows) and "\r" not in text:
+        text = text.replace("\\", "\\\\")  # no value holds a separator (JSON escapes its own): only backslashes
+    else:
+        text = "".join("\t".join(map(_copy_text, r)) + "\n" for r in rows)
     with conn.connection.dbapi_connection.cursor() as cursor:
         cursor.copy_expert(f"COPY {plan.name} ({', '.join(STAGED)}) FROM STDIN", io.StringIO(text))
 
@@ -261,14 +265,26 @@ def _copy_text(value: Any) -> str:
 
 # -- snapshot ------------------------------------------------------------------------
 def snapshot_rows(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """Some users' (row hash, last delivered payload as JSON), by key."""
+    """Some users' (row hash, last delivered payload as JSON), by key: from the driver's own
+    cursor, a thousand keys a query (PostgreSQL: ``= ANY(array)``, one parameter)."""
     out: dict[str, tuple[int, str]] = {}
+    s = snapshot
     with engine.connect() as c:
-        for chunk in chunked(list(keys), 500):
-            q = sa.select(snapshot.c.user_key, snapshot.c.row_hash, snapshot.c.payload).where(
-                snapshot.c.sync == sync, snapshot.c.user_key.in_(chunk))
-            out.update((k, (h, p)) for k, h, p in c.execute(q))
+        cursor = c.connection.cursor()
+        try:
+            for chunk in chunked(list(keys), 1000):
+                driver_execute(c, cursor, sa.select(s.c.user_key, s.c.row_hash, s.c.payload).where(
+                    s.c.sync == sync, _among(c, s.c.user_key, chunk)))
+                out.update((k, (h, p)) for k, h, p in cursor.fetchall())
+        finally:
+            cursor.close()
     return out
+
+
+def _among(conn: sa.Connection, column: sa.ColumnElement, values: list) -> sa.ColumnElement[bool]:
+    if conn.dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 def staged_rows(conn: sa.Connection, run_id: int, keys: list[str]) -> dict[str, tuple[dict, dict, dict]]:
@@ -283,7 +299,7 @@ def staged_rows(conn: sa.Connection, run_id: int, keys: list[str]) -> dict[str, 
 
 def driver_execute(conn: sa.Connection, cursor: Any, query: sa.Executable) -> None:
     """Run a Core query on the driver's own cursor, whose rows are plain tuples."""
-    compiled = query.compile(conn)
+    compiled = query.compile(conn, compile_kwargs={"render_postcompile": True})  # IN's list: one parameter a value
     params = compiled.construct_params()
     cursor.execute(str(compiled), [params[p] for p in compiled.positiontup or ()] if compiled.positional else params)
 

@@ -86,13 +86,16 @@ def test_staged_rows_come_back_as_written(db_url):
     rows = [(7, f"user {i}", i % 3, state.dumps({"external_id": text}), state.dumps({"user_id": text}),
              state.dumps([["note", "set", text]]), state.dumps({"note": text}), "{}", -(2**63) + i, "pending")
             for i, text in enumerate(tricky)]
+    # keys with separators in them, in a batch of their own (COPY escapes value by value there)
+    rows += [(7, f"user {text}", 0, "{}", "{}", "[]", "{}", "{}", -(2**62) + i, "pending") for i, text in enumerate(tricky)]
     with eng.begin() as c:
-        state.stage(c, rows)
+        state.stage(c, rows[:len(tricky)])
+        state.stage(c, rows[len(tricky):])
     p = state.plan
     with eng.connect() as c:
         back = c.execute(sa.select(*(p.c[n] for n in state.STAGED)).where(p.c.run_id == 7).order_by(p.c.row_hash)).all()
     assert [tuple(r) for r in back] == rows
-    assert [state.loads(r[6])["note"] for r in back] == tricky
+    assert [state.loads(r[6])["note"] for r in back[:len(tricky)]] == tricky
     eng.dispose()
 
 
