@@ -195,10 +195,11 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
                                       row_hash, src_ids.itertuples(index=False)):
-        before = old.get(key)
+        before = state.loads(old[key]) if key in old else None
         ops, payload, nulled = _ops(rules, row, before, full=mode == "full")
-        plan.nulled.update(nulled)
-        ident_values = [_identity_value(v) for v in ident_row]
+        if nulled:
+            plan.nulled.update(nulled)
+        ident_values = [v if type(v) is str else _identity_value(v) for v in ident_row]
         identity, source_identity = dict(zip(id_cols, ident_values)), dict(zip(id_cols.values(), ident_values))
         if not ops:
             settled.append((key, payload, int(h)))
@@ -217,7 +218,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             plan.samples.append(change)
         staged.append((plan.run_id, key, zlib.crc32(key.encode()) % spec.shards, dumps(identity),
                        dumps(source_identity), dumps([[a, o.value, v] for a, o, v in ops]), dumps(payload),
-                       dumps(before or {}), int(h), "pending"))
+                       int(h), "pending"))
     plan.users_settled += len(settled)
     plan.users_invalid += len(rejected)
     if not stage:
@@ -383,10 +384,10 @@ class Snapshot:
         known, hashes = zip(*parts) if parts else ([np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)])
         return Sorted(np.concatenate(known), np.concatenate(hashes))
 
-    def payloads(self, keys) -> dict[str, dict[str, Any]]:
-        """The last delivered payloads of some of the keys just looked up."""
+    def payloads(self, keys) -> dict[str, str]:
+        """The last delivered payloads (JSON) of some of the keys just looked up."""
         rows = self.fetched if all(k in self.fetched for k in keys) else state.snapshot_rows(self.engine, self.sync, keys)
-        return {k: state.loads(rows[k][1]) for k in keys if k in rows}
+        return {k: rows[k][1] for k in keys if k in rows}
 
 
 def _rules(sync) -> list[tuple[str, str, str]]:

@@ -440,7 +440,7 @@ def _failed(conn, sync, run_id, failed, sent: _Sent) -> None:
     """
     if not failed:
         return
-    staged = state.staged_rows(conn, run_id, [c.key for c, *_ in failed])
+    staged = state.staged_rows(conn, sync.spec.name, run_id, [c.key for c, *_ in failed])
     partial = []
     for change, cls, _, _ in failed:
         applied = set(sent.applied)

@@ -57,7 +57,6 @@ CREATE TABLE sync_plan (
 	source_identity TEXT NOT NULL, 
 	ops LONGTEXT NOT NULL, 
 	payload LONGTEXT NOT NULL, 
-	`before` LONGTEXT NOT NULL, 
 	row_hash BIGINT NOT NULL, 
 	status VARCHAR(20) NOT NULL, 
 	in_flight TEXT, 

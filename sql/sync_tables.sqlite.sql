@@ -57,7 +57,6 @@ CREATE TABLE sync_plan (
 	source_identity TEXT NOT NULL, 
 	ops TEXT NOT NULL, 
 	payload TEXT NOT NULL, 
-	"before" TEXT NOT NULL, 
 	row_hash BIGINT NOT NULL, 
 	status VARCHAR(20) NOT NULL, 
 	in_flight TEXT, 

@@ -84,10 +84,10 @@ def test_staged_rows_come_back_as_written(db_url):
     eng = state.connect(db_url)
     tricky = ['a\\b', 'tab\there', 'line\nbreak\r\n', '\\N', '"quoted", comma', 'é한😀', ' ']
     rows = [(7, f"user {i}", i % 3, state.dumps({"external_id": text}), state.dumps({"user_id": text}),
-             state.dumps([["note", "set", text]]), state.dumps({"note": text}), "{}", -(2**63) + i, "pending")
+             state.dumps([["note", "set", text]]), state.dumps({"note": text}), -(2**63) + i, "pending")
             for i, text in enumerate(tricky)]
     # keys with separators in them, in a batch of their own (COPY escapes value by value there)
-    rows += [(7, f"user {text}", 0, "{}", "{}", "[]", "{}", "{}", -(2**62) + i, "pending") for i, text in enumerate(tricky)]
+    rows += [(7, f"user {text}", 0, "{}", "{}", "[]", "{}", -(2**62) + i, "pending") for i, text in enumerate(tricky)]
     with eng.begin() as c:
         state.stage(c, rows[:len(tricky)])
         state.stage(c, rows[len(tricky):])
@@ -96,6 +96,27 @@ def test_staged_rows_come_back_as_written(db_url):
         back = c.execute(sa.select(*(p.c[n] for n in state.STAGED)).where(p.c.run_id == 7).order_by(p.c.row_hash)).all()
     assert [tuple(r) for r in back] == rows
     assert [state.loads(r[6])["note"] for r in back[:len(tricky)]] == tricky
+    eng.dispose()
+
+
+def test_an_older_plan_table_is_brought_up_to_date(db_url):
+    """``sync_plan`` as an earlier version made it (a ``before`` column, no ``in_flight``):
+    ``create_tables`` drops the one and adds the other, and a plan stages into it."""
+    old = sa.MetaData()
+    sa.Table("sync_plan", old, *(c.copy() for c in state.plan.columns if c.name != "in_flight"),
+             sa.Column("before", sa.Text, nullable=False))
+    eng = state.connect(db_url)  # creates the other tables (and this one, were it missing)
+    with eng.begin() as c:
+        c.execute(sa.text("DROP TABLE sync_plan"))
+    old.create_all(eng)
+    state.create_tables(eng)
+    columns = {c["name"] for c in sa.inspect(eng).get_columns("sync_plan")}
+    assert "before" not in columns and "in_flight" in columns
+    row = (3, "u1", 0, "{}", "{}", "[]", "{}", 5, "pending")
+    with eng.begin() as c:
+        state.stage(c, [row])
+    with eng.connect() as c:
+        assert tuple(c.execute(sa.select(*(state.plan.c[n] for n in state.STAGED))).one()) == row
     eng.dispose()
 
 
