@@ -334,7 +334,8 @@ class Snapshot:
     read more than a twentieth of the snapshot, the whole of it is loaded, sorted (a 16-byte
     key digest and the row hash: 24 bytes a user), and looked up in memory.
     A full scan (``whole``) starts loading it on a thread at once, while the first chunk is
-    read: the database's work and the waits for it overlap the read.
+    read: the database's work and the waits for it overlap the read. The snapshot is
+    counted on a thread too; until the count is in, lookups go by key.
     """
 
     def __init__(self, engine, sync: str, *, whole: bool = False):
@@ -360,12 +361,16 @@ class Snapshot:
     def _count(self) -> int:
         s = state.snapshot
         with self.engine.connect() as c:
+            if c.dialect.name == "postgresql" and not self.whole:  # one backend: nothing waits for it (lookup),
+                c.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))  # and the read has the cores
             return c.execute(sa.select(sa.func.count()).select_from(s).where(s.c.sync == self.sync)).scalar()
 
     def lookup(self, keys: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(known, row hash or 0) for each key (``digests``: theirs)."""
         self.read += len(keys)
-        if self.loaded is None and not self.whole and self.read <= len(self) / 20:
+        counting = isinstance(self.size, Future) and not self.size.done()
+        # while the count runs, by key: at worst that costs what reading these users did
+        if self.loaded is None and not self.whole and (counting or self.read <= len(self) / 20):
             # the moved among them are diffed against their payloads next
             self.fetched = found = state.snapshot_rows(self.engine, self.sync, keys)
             return (np.array([k in found for k in keys], dtype=bool),
