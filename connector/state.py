@@ -280,10 +280,8 @@ def snapshot_rows(engine: Engine, sync: str, keys: Iterable[str]) -> dict[str, t
     if len(chunks) < 2 or engine.dialect.name == "sqlite":
         return _snapshot_rows(engine, sync, chunks)
     with ThreadPoolExecutor(2, thread_name_prefix="usersync-snapshot") as pool:
-        halves = pool.map(_snapshot_rows, [engine] * 2, [sync] * 2, [chunks[0::2], chunks[1::2]])
-        out, other = halves
-    out.update(other)
-    return out
+        out, other = pool.map(_snapshot_rows, [engine] * 2, [sync] * 2, [chunks[0::2], chunks[1::2]])
+    return out | other
 
 
 def _snapshot_rows(engine: Engine, sync: str, chunks: list[list[str]]) -> dict[str, tuple[int, str]]:

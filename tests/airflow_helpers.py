@@ -67,7 +67,7 @@ def run_existing(dag, run_id: str):
     from airflow.models.dagrun import DagRun
     from airflow.sdk.definitions.dag import _run_task
     from airflow.serialization.serialized_objects import DagSerialization
-    from airflow.utils import timezone
+    from airflow.sdk import timezone
     from airflow.utils.state import DagRunState, TaskInstanceState
     from sqlalchemy import select
 
