@@ -8,6 +8,7 @@ read again and cost nothing, since the diff finds them unchanged).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -147,7 +148,7 @@ def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.D
         _pin(conn)
         raw = conn.connection
         cursor = raw.cursor(name="usersync_scan") if dialect.name == "postgresql" else raw.cursor()
-        try:
+        with contextlib.closing(cursor):
             state.driver_execute(conn, cursor, query)
             while rows := cursor.fetchmany(size):
                 frame = {}
@@ -155,8 +156,6 @@ def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.D
                     frame[col.name] = array = np.empty(len(rows), dtype=object)
                     array[:] = [f(r[i]) for r in rows] if f else [r[i] for r in rows]
                 yield pd.DataFrame(frame).infer_objects()
-        finally:
-            cursor.close()
 
 
 def _pin(conn: sa.Connection) -> None:

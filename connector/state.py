@@ -6,6 +6,7 @@ SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL/Mari
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import io
@@ -288,15 +289,11 @@ def _snapshot_rows(engine: Engine, sync: str, chunks: list[list[str]]) -> dict[s
     """``snapshot_rows`` on one connection, from the driver's own cursor."""
     out: dict[str, tuple[int, str]] = {}
     s = snapshot
-    with engine.connect() as c:
-        cursor = c.connection.cursor()
-        try:
-            for chunk in chunks:
-                driver_execute(c, cursor, sa.select(s.c.user_key, s.c.row_hash, s.c.payload).where(
-                    s.c.sync == sync, _among(c, s.c.user_key, chunk)))
-                out.update((k, (h, p)) for k, h, p in cursor.fetchall())
-        finally:
-            cursor.close()
+    with engine.connect() as c, contextlib.closing(c.connection.cursor()) as cursor:
+        for chunk in chunks:
+            driver_execute(c, cursor, sa.select(s.c.user_key, s.c.row_hash, s.c.payload).where(
+                s.c.sync == sync, _among(c, s.c.user_key, chunk)))
+            out.update((k, (h, p)) for k, h, p in cursor.fetchall())
     return out
 
 
@@ -335,20 +332,16 @@ def snapshot_hashes(engine: Engine, sync: str, batch: int = 100_000) -> Iterator
     than the fetch itself.
     """
     s, after = snapshot, None
-    with engine.connect() as c:
-        cursor = c.connection.cursor()
-        try:
-            while True:
-                q = sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == sync)
-                q = q.where(s.c.user_key > after) if after is not None else q
-                driver_execute(c, cursor, q.order_by(s.c.user_key).limit(batch))
-                rows = cursor.fetchall()
-                if not rows:
-                    return
-                yield [r[0] for r in rows], [r[1] for r in rows]  # 10x zip(*rows), which makes an iterator a row
-                after = rows[-1][0]
-        finally:
-            cursor.close()
+    with engine.connect() as c, contextlib.closing(c.connection.cursor()) as cursor:
+        while True:
+            q = sa.select(s.c.user_key, s.c.row_hash).where(s.c.sync == sync)
+            q = q.where(s.c.user_key > after) if after is not None else q
+            driver_execute(c, cursor, q.order_by(s.c.user_key).limit(batch))
+            rows = cursor.fetchall()
+            if not rows:
+                return
+            yield [r[0] for r in rows], [r[1] for r in rows]  # 10x zip(*rows), which makes an iterator a row
+            after = rows[-1][0]
 
 
 def upsert_snapshot(conn: sa.Connection, sync: str, run_id: int | None,
