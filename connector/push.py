@@ -120,6 +120,8 @@ class _Feed:
                 _keep_old_objects()
                 self.frozen = True
         self.jobs.extend(_Job(b) for b in self.vendor.batches(changes))
+        if self.frozen:  # this chunk's users as well, see _keep_old_objects
+            gc.freeze()
         return True
 
 
@@ -167,7 +169,14 @@ def _keep_old_objects() -> None:
     cyclic collector's sight until it ends (``gc.unfreeze``): every few chunks of staged
     users promote enough objects to set off a full collection, which would walk all of
     them too (~40 ms a time, holding the GIL the workers need to send). Garbage is
-    collected first, so nothing already dead waits for the end of the push."""
+    collected first, so nothing already dead waits for the end of the push.
+
+    Each chunk's users are frozen as well once they are queued (``gc.freeze`` is a list
+    splice, not a walk): they live until their requests are answered, long enough to be
+    promoted and walked again and again by the older generations' collections — at
+    Tencent's 10,000 users a second, 0.5 s of collections in an 8 s push, in pauses of up to
+    ~25 ms that left every sender waiting. Reference counting still frees them as before;
+    only a reference cycle alive at that moment would wait for the end of the push."""
     gc.collect()
     gc.freeze()
 

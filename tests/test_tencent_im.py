@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import json
@@ -14,7 +15,7 @@ import zlib
 import pytest
 import requests
 
-from connector import emulator, state
+from connector import emulator, push, state
 from connector.config import ConfigError
 from connector.vendors import tencent_im as vendor
 from conftest import T0, make_users, run, table, update_users, user_row, write_config
@@ -171,6 +172,19 @@ def test_requests_are_packed_full(sqlite_url, tencent, tmp_path):
     assert sizes == [100, 100, 50]
     assert sum(sizes) / (len(sizes) * 100) >= 250 / 300  # as full as 250 users allow: ceil(250/100) requests
     assert len(tencent.emulator.state()) == 250
+
+
+def test_a_push_of_several_chunks_delivers_everyone_and_leaves_nothing_frozen(sqlite_url, tencent, tmp_path):
+    # more users than one read of the plan: the push keeps them out of the collector's sight
+    # while they are in flight (gc.freeze), and must give every object back when it ends
+    n = push.READ_CHUNK * 2 + 150
+    make_users(sqlite_url, [user_row(i) for i in range(n)])
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [tencent_sync(tencent.url)])
+    frozen = gc.get_freeze_count()
+    s = run(cfg, "tencent_users")
+    assert (s.status, s.users_delivered, s.requests) == ("success", n, -(-n // 100))
+    assert gc.get_freeze_count() == frozen == 0
+    assert len(tencent.emulator.state()) == n
 
 
 def test_oversize_value_rejects_that_user_alone(db_url, tencent, tmp_path):
