@@ -69,7 +69,8 @@ def details(results: dict) -> str:
     rows = ["| database | phase | seconds | peak RSS (MB) | rows |", "| --- | --- | --- | --- | --- |"]
     for db, d in raw["databases"].items():
         for phase, r in d.items():
-            rows.append(f"| {db} | {phase} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r.get('rows', r.get('delivered', ''))} |")
+            seconds = f"{r['seconds']:.2f}" + (f" (median of {', '.join(map(str, r['rounds']))})" if len(r.get("rounds", [])) > 1 else "")
+            rows.append(f"| {db} | {phase} | {seconds} | {r['peak_rss_mb']:.0f} | {r.get('rows', r.get('delivered', ''))} |")
     if "scale" in raw:
         r = raw["scale"]["plan"]
         rows.append(f"| postgresql | plan, {raw['scale_users']:,} users | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['rows']} |")

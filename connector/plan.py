@@ -217,7 +217,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         if len(plan.samples) < 5:
             plan.samples.append(change)
         staged.append((plan.run_id, key, zlib.crc32(key.encode()) % spec.shards, dumps(identity),
-                       dumps(source_identity), dumps([[a, o.value, v] for a, o, v in ops]), dumps(payload),
+                       dumps(source_identity), dumps(ops), dumps(payload),  # an Op is written as its value
                        int(h), "pending"))
     plan.users_settled += len(settled)
     plan.users_invalid += len(rejected)
