@@ -40,6 +40,11 @@ from connector.vendors.base import Change, Kind, Op, Verdict, transport_verdict
 
 log = logging.getLogger("usersync.push")
 READ_CHUNK = 1000  # plan rows read at a time, while the previous ones' requests are out
+# batches handed to the senders, per sender (in flight or next): while this thread reads the
+# plan or waits on a commit (at times 0.1-0.2 s when the disk is busy), they keep sending.
+# Twice had Tencent's 8 senders sit idle after the longer flushes: 0.955-0.967 of its limit
+# against 0.969-0.970 with four times, with the disk under load.
+AHEAD = 4
 
 
 @dataclasses.dataclass
@@ -217,7 +222,7 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
     writes = _Writes(sync, run_id, shard, failed_before)
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
-        limit = concurrency * 2 if result.requests else 1
+        limit = concurrency * AHEAD if result.requests else 1
         while len(jobs) < limit and not stop.is_set() and feed.fill():
             pass
         while jobs and len(inflight) < limit and not stop.is_set():
