@@ -101,7 +101,19 @@ def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResu
 
 class _Feed:
     """The pending plan as jobs, read a chunk at a time as the queue runs low — while the
-    previous chunk's requests are still out, so reading never leaves the vendor idle."""
+    previous chunk's requests are still out, so reading never leaves the vendor idle.
+
+    A long push (a first chunk that is full) keeps what is alive out of the cyclic
+    collector's sight until it ends (``gc.unfreeze``): the objects from before the push
+    (modules, the plan's leftovers) once, after collecting the garbage so nothing already dead
+    waits for the end; then each chunk's users once they are queued (``gc.freeze`` is a list
+    splice, not a walk). Those users live until their requests are answered, long enough to
+    be promoted and walked again and again by the older generations' collections, which hold
+    the GIL the senders need: at Tencent's 10,000 users a second, 0.49 s of collections in an
+    8 s push, the full ones ~23 ms each (0.19 s in all with every chunk frozen). Reference
+    counting still frees them as before; only a reference cycle alive at a freeze waits for
+    the end of the push.
+    """
 
     def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport):
         self.sync, self.vendor, self.transport = sync, vendor, transport
@@ -113,19 +125,18 @@ class _Feed:
         """Queue the next chunk's batches; False when the plan has no more."""
         if not self.more:
             return False
-        chunk = next(self.chunks, None)
-        if chunk is None:
+        changes = next(self.chunks, None)
+        if changes is None:
             self.more = False
             return False
-        changes = chunk
         if not self.prepared:  # only when there is something to send: no change, no request
             self.vendor.prepare(self.transport.session, self.sync.spec)
             self.prepared = True
-            if len(changes) == READ_CHUNK:  # a long push: nothing in flight yet, see _keep_old_objects
-                _keep_old_objects()
+            if len(changes) == READ_CHUNK:  # a long push, nothing in flight yet
+                gc.collect()
                 self.frozen = True
         self.jobs.extend(_Job(b) for b in self.vendor.batches(changes))
-        if self.frozen:  # this chunk's users as well, see _keep_old_objects
+        if self.frozen:
             gc.freeze()
         return True
 
@@ -167,23 +178,6 @@ def _load(rows) -> list[Change]:
         idents = json.loads(idents)
         opss = [tuple((a, Op(o), v) for a, o, v in ops) for ops in json.loads(opss)]
     return [Change(r[0], i, ops) for r, i, ops in zip(rows, idents, opss)]
-
-
-def _keep_old_objects() -> None:
-    """Keep the objects alive before a long push (modules, the plan's leftovers) out of the
-    cyclic collector's sight until it ends (``gc.unfreeze``): every few chunks of staged
-    users promote enough objects to set off a full collection, which would walk all of
-    them too (~40 ms a time, holding the GIL the workers need to send). Garbage is
-    collected first, so nothing already dead waits for the end of the push.
-
-    Each chunk's users are frozen as well once they are queued (``gc.freeze`` is a list
-    splice, not a walk): they live until their requests are answered, long enough to be
-    promoted and walked again and again by the older generations' collections — at
-    Tencent's 10,000 users a second, 0.49 s of collections in an 8 s push (0.19 s frozen),
-    the full ones ~23 ms each, and every sender waited them out. Reference counting still frees them as before;
-    only a reference cycle alive at that moment would wait for the end of the push."""
-    gc.collect()
-    gc.freeze()
 
 
 IN_DOUBT = "the run stopped while this request was in flight; it may have been applied, so it is not re-sent"
