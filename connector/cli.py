@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from connector import __version__, config, engine, state
+from connector import __version__, config, engine, migrations, state
 from connector.config import ConfigError
 from connector.progress import Progress
 
@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   usersync plan dfinery_users                        what would be sent, nothing sent
   usersync status                                    recent runs and their batches
   usersync emulators --config demo/syncs.yaml        serve the vendor emulators on 127.0.0.1
+  usersync db upgrade                                create or upgrade the sync tables now
 """
 
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # its INFO lines narrate each step of an upgrade; usersync logs the outcome
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as e:
@@ -102,6 +105,32 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--users", type=int, default=2000)
     dm.set_defaults(func=cmd_demo)
 
+    db = sub.add_parser("db", help="the sync tables' schema: its revision, upgrade it",
+                        description="The sync tables are versioned by the Alembic migrations shipped with "
+                        f"usersync (version table {migrations.VERSION_TABLE}). Every run upgrades them itself, "
+                        f"one process at a time; with {migrations.SWITCH}=manual a run refuses tables behind "
+                        "this release instead, for operators who upgrade them with `usersync db upgrade`.")
+    dbs = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dc = dbs.add_parser("current", help="the state database's revision and this release's head",
+                        description="Print the state database's schema revision and this release's head. "
+                        "Exit 0 when they are the same, 1 otherwise.")
+    with_config(dc)
+    dc.set_defaults(func=cmd_db_current)
+    du = dbs.add_parser("upgrade", help="create the sync tables, or bring them to this release's head",
+                        description="Create the sync tables in the state database, or upgrade them to this "
+                        "release's head, keeping every row (tables made by a release before migrations are "
+                        "adopted in place). Safe while syncs start: one process upgrades at a time, the "
+                        "others find it done. Exit 0 when done (or nothing to do); 2 when the database "
+                        "is newer than this release, or lost a sync table that holds what was delivered.")
+    with_config(du)
+    du.set_defaults(func=cmd_db_upgrade)
+    dr = dbs.add_parser("revision", help="(developers) write the next migration from connector/state.py",
+                        description="From a source checkout: write connector/migrations/versions/<next>_<slug>.py "
+                        "with what the tables in connector/state.py have that a database at head lacks "
+                        "(Alembic autogenerate). Read it and finish it by hand; then `make ddl`.")
+    dr.add_argument("-m", "--message", required=True, help="what the revision changes, in a few words")
+    dr.set_defaults(func=lambda a: print(migrations.revision(a.message)) or 0)
+
     dd = sub.add_parser("ddl", help="print the sync tables' DDL for a database dialect")
     dd.add_argument("dialect", choices=["sqlite", "postgresql", "mysql"])
     dd.set_defaults(func=lambda a: print(state.ddl(a.dialect), end="") or 0)
@@ -167,7 +196,7 @@ def cmd_status(args) -> int:
     cfg, _ = config.load(args.config)
     eng = state.make_engine(cfg.state_url)
     engine.check_state(cfg, eng)  # before creating anything: a dropped table must not come back empty
-    state.metadata.create_all(eng)
+    engine.upgrade_state(cfg, eng)
     r, b = state.runs, state.batches
     q = sa.select(r).order_by(r.c.run_id.desc()).limit(args.runs)
     if args.sync:
@@ -198,6 +227,42 @@ def cmd_status(args) -> int:
             print("recent failures (retried next run):")
             for s, k, cls, code, msg in fails:
                 print(f"  {s} {k}: {cls} {code or ''} {msg[:120]}")
+    return 0
+
+
+def _state_engine(args) -> tuple[config.Config, sa.Engine]:
+    cfg, _ = config.load(args.config)
+    eng = state.make_engine(cfg.state_url)
+    engine.check_state(cfg, eng)  # reachable, and no delivered-snapshot table lost
+    return cfg, eng
+
+
+def cmd_db_current(args) -> int:
+    _, eng = _state_engine(args)
+    revision, head = migrations.current(eng), migrations.head()
+    if revision == head:
+        note = "head"
+    elif revision is None and sa.inspect(eng).has_table(state.runs.name):
+        note = "sync tables from a release before migrations: `usersync db upgrade` adopts them"
+    elif revision is None:
+        note = "no sync tables yet: `usersync db upgrade` (or the first run) creates them"
+    elif migrations.known(revision):
+        note = f"behind this release's head {head}: `usersync db upgrade`"
+    else:
+        note = f"newer than this release's head {head}: a newer usersync upgraded it"
+    print(f"{eng.url.render_as_string(hide_password=True)}: revision {revision or 'none'} ({note})")
+    return 0 if revision == head else 1
+
+
+def cmd_db_upgrade(args) -> int:
+    cfg, eng = _state_engine(args)
+    try:
+        before, after = migrations.upgrade(eng)
+    except migrations.SchemaError as e:
+        raise ConfigError(cfg.path, str(e), None, "state" if cfg.state else "warehouse") from None
+    where = eng.url.render_as_string(hide_password=True)
+    print(f"{where}: already at revision {after}" if before == after else
+          f"{where}: upgraded from revision {before or 'none'} to {after}")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector import __version__, connections, extract, plan as planning, push as pushing, state, vendors
+from connector import __version__, connections, extract, migrations, plan as planning, push as pushing, state, vendors
 from connector.config import Config, ConfigError, SyncSpec
 from connector.faults import crashpoint
 
@@ -32,7 +32,7 @@ class Sync:
         self.warehouse = state.make_engine(cfg.warehouse)
         self.state = self.warehouse if cfg.state_url == cfg.warehouse else state.make_engine(cfg.state_url)
         check_state(cfg, self.state, spec.name)
-        state.create_tables(self.state)
+        upgrade_state(cfg, self.state, spec.name)
         self._source: sa.FromClause | None = None
 
     @property
@@ -99,6 +99,15 @@ def check_state(cfg: Config, engine: sa.Engine, sync: str | None = None) -> None
         raise ConfigError(cfg.path, f"sync table(s) {', '.join(missing)} missing although sync_runs records "
                           f"{ran} run(s): dropped? Restore it from a backup, or drop every sync_* table to "
                           "start over (every user is then sent again as new)", sync, where)
+
+
+def upgrade_state(cfg: Config, engine: sa.Engine, sync: str | None = None) -> None:
+    """The sync tables at this release's schema (``migrations.ensure``: after ``check_state``,
+    which refuses a database that lost its snapshot), or a ConfigError saying why not."""
+    try:
+        migrations.ensure(engine)
+    except migrations.SchemaError as e:
+        raise ConfigError(cfg.path, str(e), sync, "state" if cfg.state else "warehouse") from None
 
 
 @dataclasses.dataclass

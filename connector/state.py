@@ -1,7 +1,8 @@
 """The sync tables: what was delivered, what each run and batch did, what failed.
 
 SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL/MariaDB.
-``usersync ddl`` prints the DDL; ``sql/sync_tables.*.sql`` are that output.
+``usersync ddl`` prints the DDL; ``sql/sync_tables.*.sql`` are that output. A change to these
+tables is a revision in ``connector/migrations`` (see there), which every run applies.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Engine
+
+from connector import migrations
 
 metadata = sa.MetaData()
 _KEY = sa.String(255)
@@ -132,22 +135,10 @@ def now() -> dt.datetime:
 
 
 def connect(url: str) -> Engine:
-    """An engine for the state database, with the sync tables created if missing."""
+    """An engine for the state database, its sync tables at this release's schema."""
     engine = make_engine(url)
-    create_tables(engine)
+    migrations.ensure(engine)
     return engine
-
-
-def create_tables(engine: Engine) -> None:
-    """Create the sync tables if missing; bring an older ``sync_plan`` up to date (add
-    ``in_flight``; drop ``before``, now read from the snapshot when needed)."""
-    metadata.create_all(engine)
-    columns = {c["name"] for c in sa.inspect(engine).get_columns("sync_plan")}
-    with engine.begin() as c:
-        if "in_flight" not in columns:
-            c.execute(sa.text("ALTER TABLE sync_plan ADD COLUMN in_flight TEXT"))
-        if "before" in columns:
-            c.execute(sa.text(f"ALTER TABLE sync_plan DROP COLUMN {engine.dialect.identifier_preparer.quote('before')}"))
 
 
 def threads_share(engine: Engine) -> bool:

@@ -99,27 +99,6 @@ def test_staged_rows_come_back_as_written(db_url):
     eng.dispose()
 
 
-def test_an_older_plan_table_is_brought_up_to_date(db_url):
-    """``sync_plan`` as an earlier version made it (a ``before`` column, no ``in_flight``):
-    ``create_tables`` drops the one and adds the other, and a plan stages into it."""
-    old = sa.MetaData()
-    sa.Table("sync_plan", old, *(c.copy() for c in state.plan.columns if c.name != "in_flight"),
-             sa.Column("before", sa.Text, nullable=False))
-    eng = state.connect(db_url)  # creates the other tables (and this one, were it missing)
-    with eng.begin() as c:
-        c.execute(sa.text("DROP TABLE sync_plan"))
-    old.create_all(eng)
-    state.create_tables(eng)
-    columns = {c["name"] for c in sa.inspect(eng).get_columns("sync_plan")}
-    assert "before" not in columns and "in_flight" in columns
-    row = (3, "u1", 0, "{}", "{}", "[]", "{}", 5, "pending")
-    with eng.begin() as c:
-        state.stage(c, [row])
-    with eng.connect() as c:
-        assert tuple(c.execute(sa.select(*(state.plan.c[n] for n in state.STAGED))).one()) == row
-    eng.dispose()
-
-
 def test_state_json_keeps_numbers_numbers():
     """numpy scalars are JSON numbers and booleans (as ``json.dumps`` wrote them), not their text."""
     import decimal

@@ -1,0 +1,147 @@
+"""The sync tables under Alembic: head is state.py's schema, a database made by a release before
+migrations is adopted in place with every row kept, first starts in many processes at once
+all succeed, and a schema newer than this release is refused.
+
+``schema_fd24d1f/`` holds ``sql/sync_tables.*.sql`` as the last release before migrations
+(fd24d1f) wrote them: what a state database in the field looks like today.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from connector import migrations, state
+from conftest import dfinery_sync, make_users, user_row, write_config
+from test_cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FD24D1F = Path(__file__).parent / "schema_fd24d1f"
+
+
+def dialect(url: str) -> str:
+    return sa.make_url(url).get_backend_name().replace("mariadb", "mysql")
+
+
+def build_fd24d1f(url: str) -> sa.Engine:
+    """A state database as fd24d1f's ``create_tables`` left it: its DDL, no version table."""
+    eng = state.make_engine(url)
+    with eng.begin() as c:
+        for statement in (FD24D1F / f"{dialect(url)}.sql").read_text().split(";\n"):
+            if statement.strip():
+                c.exec_driver_sql(statement)
+    return eng
+
+
+def differences(eng: sa.Engine) -> list:
+    """What state.py's tables have that the database lacks, or the reverse (Alembic's autogenerate)."""
+    with eng.connect() as c:
+        context = MigrationContext.configure(c, opts={"include_name": lambda n, t, _: t != "table" or n in state.metadata.tables})
+        return compare_metadata(context, state.metadata)
+
+
+def schema(eng: sa.Engine) -> dict:
+    """Every sync table's columns (name, type, nullable), primary key and indexes, as reflected."""
+    inspector = sa.inspect(eng)
+    return {t: ([(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(t)],
+                inspector.get_pk_constraint(t)["constrained_columns"],
+                sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(t)))
+            for t in sorted(inspector.get_table_names()) if t.startswith("sync_")}
+
+
+def test_revisions_are_one_numbered_line():
+    """``migrations.head`` reads the newest revision off the file names: true only while the ids
+    are 0001, 0002, ... each revising the one before (a merge of two branches that both added
+    0002 fails here until one is renumbered)."""
+    script = migrations._script()
+    assert script.get_heads() == [migrations.head()]
+    chain = list(reversed(list(script.walk_revisions())))
+    assert [s.revision for s in chain] == [f"{n:04d}" for n in range(1, len(chain) + 1)]
+    assert [s.down_revision for s in chain] == [None, *(s.revision for s in chain[:-1])]
+
+
+def test_head_is_the_schema_of_state_py(db_url):
+    eng = state.make_engine(db_url)
+    assert migrations.upgrade(eng) == (None, migrations.head())
+    assert migrations.current(eng) == migrations.head()
+    assert differences(eng) == [], "state.py's tables and the revisions disagree: add a revision (usersync db revision)"
+    eng.dispose()
+
+
+def test_revision_0001_is_the_schema_fd24d1f_made(db_url):
+    """On an empty database 0001 makes what the release before migrations made, exactly."""
+    old = build_fd24d1f(db_url)
+    made = schema(old)
+    with old.begin() as c:
+        for t in made:
+            c.exec_driver_sql(f"DROP TABLE {t}")
+    with old.connect() as c, c.begin():
+        command.upgrade(migrations._config(c), "0001")
+    assert schema(old) == made
+    old.dispose()
+
+
+SNAPSHOT = [("s1", f"user {i}", state.dumps({"n": 2**63 - 1 - i, "t": f"é한😀 {i}", "l": ["a", i]}), -(2**63) + i)
+            for i in range(500)]
+
+
+def test_a_state_database_of_fd24d1f_upgrades_in_place(db_url):
+    """Tables there, no version table: 0001 adopts them; every snapshot, run and failure row stays."""
+    eng = build_fd24d1f(db_url)
+    ts = state.now()
+    with eng.begin() as c:
+        run = c.execute(state.runs.insert().values(sync="s1", vendor="dfinery", mode="full", trigger="cli",
+                                                   status="success", started_at=ts)).inserted_primary_key[0]
+        c.execute(state.snapshot.insert(), [{"sync": s, "user_key": k, "payload": p, "row_hash": h, "run_id": run,
+                                             "updated_at": ts} for s, k, p, h in SNAPSHOT])
+        c.execute(state.failures.insert().values(sync="s1", user_key="user 7", identity="{}", run_id=run,
+                                                 error_class="rejected", attempts=2, first_seen=ts, last_seen=ts))
+    assert migrations.current(eng) is None
+    assert migrations.upgrade(eng) == (None, migrations.head())
+    assert migrations.current(eng) == migrations.head() and differences(eng) == []
+    s = state.snapshot
+    with eng.connect() as c:
+        assert sorted(map(tuple, c.execute(sa.select(s.c.sync, s.c.user_key, s.c.payload, s.c.row_hash)))) == sorted(SNAPSHOT)
+        assert c.execute(sa.select(state.runs.c.run_id, state.runs.c.status)).all() == [(run, "success")]
+        assert c.execute(sa.select(state.failures.c.user_key, state.failures.c.attempts)).all() == [("user 7", 2)]
+    eng.dispose()
+
+
+def test_older_tables_are_brought_to_the_same_schema(db_url):
+    """What earlier releases left that ``create_tables`` never repaired: ``sync_plan`` with
+    ``before`` and without ``in_flight``, the covering snapshot index, a 40-character trigger."""
+    eng = build_fd24d1f(db_url)
+    quote = eng.dialect.identifier_preparer.quote
+    older = sa.MetaData()
+    old_plan = sa.Table("sync_plan", older, *(c.copy() for c in state.plan.columns if c.name != "in_flight"),
+                        sa.Column("before", sa.Text, nullable=False), sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"))
+    with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE sync_plan")
+        older.create_all(c)
+        c.exec_driver_sql("CREATE INDEX ix_sync_snapshot_hash ON sync_snapshot (sync, user_key, row_hash)")
+        if dialect(db_url) == "postgresql":
+            c.exec_driver_sql(f"ALTER TABLE sync_runs ALTER COLUMN {quote('trigger')} TYPE VARCHAR(40)")
+        elif dialect(db_url) == "mysql":
+            c.exec_driver_sql(f"ALTER TABLE sync_runs MODIFY {quote('trigger')} VARCHAR(40) NOT NULL")
+        c.execute(old_plan.insert().values(run_id=1, user_key="u1", shard=0, identity="{}", source_identity="{}",
+                                           ops="[]", payload="{}", row_hash=5, status="pending", before="{}"))
+        c.execute(state.snapshot.insert(), [{"sync": s, "user_key": k, "payload": p, "row_hash": h, "updated_at": state.now()}
+                                            for s, k, p, h in SNAPSHOT])
+    assert {c["name"] for c in sa.inspect(eng).get_columns("sync_plan")} >= {"before"}
+    migrations.upgrade(eng)
+    assert differences(eng) == []
+    with eng.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(state.snapshot)).scalar() == len(SNAPSHOT)
+        assert c.execute(sa.select(state.plan.c.user_key, state.plan.c.in_flight)).all() == [("u1", None)]
+    row = (3, "u2", 0, "{}", "{}", "[]", "{}", 5, "pending")
+    with eng.begin() as c:
+        state.stage(c, [row])
+    eng.dispose()
