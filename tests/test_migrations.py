@@ -145,3 +145,149 @@ def test_older_tables_are_brought_to_the_same_schema(db_url):
     with eng.begin() as c:
         state.stage(c, [row])
     eng.dispose()
+
+
+# -- first starts at once --------------------------------------------------------------
+UPGRADE = """
+import sys
+import alembic.command, alembic.script  # imported before the gate: the processes race on the database alone
+from connector import migrations, state
+print("ready", flush=True)
+sys.stdin.read()
+print(migrations.upgrade(state.make_engine(sys.argv[1]))[0])
+"""
+
+RUN = """
+import sys
+import alembic.command, alembic.script
+from connector import cli
+print("ready", flush=True)
+sys.stdin.read()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def at_once(code: str, argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Start one process per argv, wait until each has imported everything and says so, then
+    let them all go at once (by closing their stdin); their exit codes and output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for argv in argvs]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n", p.communicate()[1]
+    for p in procs:
+        p.stdin.close()
+        p.stdin = None  # closed: communicate() has nothing to send
+    out = []
+    for p, argv in zip(procs, argvs):
+        stdout, stderr = p.communicate(timeout=240)
+        out.append(subprocess.CompletedProcess(argv, p.returncode, stdout, stderr))
+    return out
+
+
+def test_first_starts_at_once_upgrade_exactly_once(db_url):
+    """Six processes upgrade one fresh database at the same moment: every one succeeds, and
+    exactly one found it empty (the others read the version inside the lock and did nothing)."""
+    done = at_once(UPGRADE, [[db_url]] * 6)
+    assert [d.returncode for d in done] == [0] * 6, "\n".join(d.stderr[-2000:] for d in done if d.returncode)
+    assert sorted(d.stdout.strip() for d in done) == ["0001"] * 5 + ["None"]
+    eng = state.make_engine(db_url)
+    assert migrations.current(eng) == migrations.head() and differences(eng) == []
+    eng.dispose()
+
+
+def test_six_syncs_start_at_once_on_a_fresh_state_database(db_url, dfinery, tmp_path):
+    """What five nightly DAGs do at midnight on a new deployment: `usersync run` of six
+    different syncs at once, the sync tables in the warehouse, none made yet."""
+    make_users(db_url, [user_row(i) for i in range(12)])
+    names = [f"dfinery_{i}" for i in range(6)]
+    cfg = write_config(tmp_path / "syncs.yaml", db_url, [dfinery_sync(dfinery.url, name=n) for n in names])
+    done = at_once(RUN, [["run", n, "--config", str(cfg)] for n in names])
+    assert [d.returncode for d in done] == [0] * 6, "\n".join(d.stderr[-2000:] for d in done if d.returncode)
+    eng = state.make_engine(db_url)
+    assert migrations.current(eng) == migrations.head()
+    with eng.connect() as c:
+        runs = c.execute(sa.select(state.runs.c.sync, state.runs.c.status, state.runs.c.users_delivered)).all()
+    assert sorted(runs) == [(n, "success", 12) for n in names]
+    eng.dispose()
+
+
+# -- the common path, operators' commands, and what is refused --------------------------
+def test_a_run_on_a_database_at_head_imports_no_alembic(sqlite_url):
+    migrations.upgrade(state.make_engine(sqlite_url))
+    probe = f"import sys; from connector import state; state.connect({sqlite_url!r}); print(sorted(m for m in sys.modules if m.startswith('alembic')))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_db_current_and_upgrade(sqlite_url, tmp_path):
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [])
+    head = migrations.head()
+    before = cli("db", "current", "--config", str(cfg))
+    assert before.returncode == 1 and "revision none (no sync tables yet" in before.stdout, before.stderr
+    up = cli("db", "upgrade", "--config", str(cfg))
+    assert up.returncode == 0 and f"upgraded from revision none to {head}" in up.stdout, up.stderr
+    assert "alembic" not in up.stderr  # Alembic's narration stays out unless -v
+    now = cli("db", "current", "--config", str(cfg))
+    assert now.returncode == 0 and now.stdout.strip() == f"sqlite:///{tmp_path / 'warehouse.db'}: revision {head} (head)"
+    again = cli("db", "upgrade", "--config", str(cfg))
+    assert again.returncode == 0 and f"already at revision {head}" in again.stdout
+    for sub in ("current", "upgrade", "revision"):
+        assert cli("db", sub, "--help").returncode == 0
+    assert "USERSYNC_DB_UPGRADE=manual" in cli("db", "--help").stdout
+
+
+def test_db_current_names_tables_from_before_migrations(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    build_fd24d1f(url).dispose()
+    cfg = write_config(tmp_path / "syncs.yaml", url, [])
+    r = cli("db", "current", "--config", str(cfg))
+    assert r.returncode == 1 and "revision none (sync tables from a release before migrations" in r.stdout
+
+
+def test_a_schema_newer_than_this_release_is_refused(sqlite_url, tmp_path, dfinery):
+    make_users(sqlite_url, [user_row(i) for i in range(3)])
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url)])
+    eng = state.connect(sqlite_url)
+    with eng.begin() as c:
+        c.execute(sa.text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '9999'"))
+    eng.dispose()
+    said = f"warehouse: the sync tables in the state database {sqlite_url} are at revision 9999, newer than this release's"
+    for args in (["run", "dfinery_users"], ["status"], ["db", "upgrade"]):
+        r = cli(*args, "--config", str(cfg))
+        assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
+    assert dfinery.emulator.log == []
+    r = cli("db", "current", "--config", str(cfg))
+    assert r.returncode == 1 and "revision 9999 (newer than this release's head" in r.stdout
+    assert migrations.current(state.make_engine(sqlite_url)) == "9999"
+
+
+def test_manual_upgrades_leave_a_run_refusing_old_tables(sqlite_url, tmp_path, dfinery):
+    make_users(sqlite_url, [user_row(i) for i in range(3)])
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url)])
+    manual = {"USERSYNC_DB_UPGRADE": "manual"}
+    r = cli("run", "dfinery_users", "--config", str(cfg), env_extra=manual)
+    assert r.returncode == 2 and "revision none, this release needs" in r.stderr and "`usersync db upgrade`" in r.stderr
+    assert not sa.inspect(state.make_engine(sqlite_url)).has_table("sync_runs")
+    assert cli("db", "upgrade", "--config", str(cfg), env_extra=manual).returncode == 0
+    r = cli("run", "dfinery_users", "--config", str(cfg), env_extra=manual)
+    assert r.returncode == 0 and "delivered 3" in r.stdout, r.stderr
+    r = cli("run", "dfinery_users", "--config", str(cfg), env_extra={"USERSYNC_DB_UPGRADE": "sometimes"})
+    assert r.returncode == 2 and "USERSYNC_DB_UPGRADE='sometimes'" in r.stderr
+
+
+def test_an_upgrade_never_recreates_a_lost_snapshot(db_url, tmp_path):
+    """Runs recorded, sync_snapshot gone: created empty, every user would be sent again as new.
+    ``engine.check_state`` refuses before a run or `db upgrade`; 0001 refuses on its own."""
+    eng = build_fd24d1f(db_url)
+    with eng.begin() as c:
+        c.execute(state.runs.insert().values(sync="s1", vendor="dfinery", mode="full", trigger="cli",
+                                             status="success", started_at=state.now()))
+        c.exec_driver_sql("DROP TABLE sync_snapshot")
+    with pytest.raises(migrations.SchemaError, match="sync_snapshot missing although sync_runs records runs"):
+        migrations.upgrade(eng)
+    assert migrations.current(eng) is None and not sa.inspect(eng).has_table("sync_snapshot")
+    cfg = write_config(tmp_path / "syncs.yaml", db_url, [])
+    r = cli("db", "upgrade", "--config", str(cfg))
+    assert r.returncode == 2 and "sync table(s) sync_snapshot missing although sync_runs records 1 run(s)" in r.stderr
+    eng.dispose()

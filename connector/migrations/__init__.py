@@ -70,19 +70,18 @@ def ensure(engine: sa.Engine) -> None:
     ``USERSYNC_DB_UPGRADE=manual`` (then a database behind is refused, not upgraded)."""
     if engine in _at_head:
         return
+    mode = os.environ.get(SWITCH) or "auto"
+    if mode not in ("auto", "manual"):
+        raise SchemaError(f"{SWITCH}={mode!r}: auto (a run upgrades the sync tables) or manual "
+                          "(`usersync db upgrade` does)")
     if current(engine) != head():
-        mode = os.environ.get(SWITCH, "auto") or "auto"
-        if mode not in ("auto", "manual"):
-            raise SchemaError(f"{SWITCH}={mode!r}: auto (a run upgrades the sync tables) or manual "
-                              "(`usersync db upgrade` does)")
-        if mode == "manual":
+        if mode == "auto":
+            upgrade(engine)
+        else:
             with engine.connect() as conn:
                 revision = _known(conn, current(conn))
-            if revision != head():
-                raise SchemaError(f"the sync tables in {_name(engine)} are at revision {revision or 'none'}, this "
-                                  f"release needs {head()}: run `usersync db upgrade` ({SWITCH}=manual)")
-        else:
-            upgrade(engine)
+            raise SchemaError(f"the sync tables in {_name(engine)} are at revision {revision or 'none'}, this "
+                              f"release needs {head()}: run `usersync db upgrade` ({SWITCH}=manual)")
     _at_head.add(engine)
 
 
