@@ -44,9 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     except state.Locked as e:
         print(f"not started: {e}", file=sys.stderr)
         return 3
+    except state.LeaseLost as e:
+        print(f"stopped: {superseded(e)}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("interrupted: the next run re-sends whatever was not acknowledged", file=sys.stderr)
         return 130
+
+
+def superseded(e: state.LeaseLost) -> str:
+    """What a run that lost its lock did, and why it stopped."""
+    did = ("" if e.requests is None else
+           f" It had sent {e.requests} request(s), {e.delivered} user(s) acknowledged by the vendor.")
+    return (f"{e}: another run took the sync over (this run stalled longer than its lock_timeout, or lost "
+            f"the state database for that long).{did} It started no request and committed nothing after "
+            "that; the run holding the lock settles what it had in flight.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="read, diff and push what changed; record the run",
                        description="Read changed users, diff them against what was last delivered, push only "
                        "the changes, and record every batch. Exit 0 on success or on a partial run within the "
-                       "sync's max_failure_fraction; 1 otherwise; 2 on a config error; 3 when another run holds the lock.")
+                       "sync's max_failure_fraction; 1 otherwise; 2 on a config error; 3 when another run holds the lock "
+                       "(nothing done); 4 when this run lost its lock to another run while it ran (it stalled "
+                       "past lock_timeout): it stops at once, sending and recording nothing more, and says what it "
+                       "had done.")
     r.add_argument("sync", nargs="?", help="sync name (or --all)")
     r.add_argument("--all", action="store_true", help="run every sync in the file, one after another")
     with_config(r)

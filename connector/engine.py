@@ -142,16 +142,21 @@ def open_sync(cfg: Config, name: str) -> Sync:
     return Sync(cfg, cfg.sync(name))
 
 
-def begin(sync: Sync, *, mode: str, trigger: str) -> int:
-    """Record a new run and take the sync's lock (``state.Locked`` if another run holds it)."""
+def begin(sync: Sync, *, mode: str, trigger: str, bound: bool = True) -> int:
+    """Record a new run and take the sync's lock (``state.Locked`` if another run holds it).
+
+    ``bound``: the run lives and dies with this process (the CLI), so a later run on this
+    machine may take the lock over as soon as this process is gone; an Airflow run's lock
+    outlives its plan task (False)."""
     run_id = state.start_run(sync.state, sync.spec.name, sync.spec.vendor.type, mode, trigger)
     try:
-        taken = state.acquire_lock(sync.state, sync.spec.name, run_id, stale_after=sync.spec.lock_timeout)
+        taken = state.acquire_lock(sync.state, sync.spec.name, run_id, stale_after=sync.spec.lock_timeout,
+                                   bound=bound)
     except state.Locked as e:
         state.update_run(sync.state, run_id, status="skipped", finished_at=state.now(), error=str(e))
         raise
     if taken:
-        log.warning("took over the lock of run %s (no heartbeat); its unacknowledged users are re-planned", taken)
+        log.warning("took over the lock of run %s (presumed dead); what it left in flight is settled", taken)
     _clear_dead_runs(sync, run_id)
     return run_id
 
@@ -167,7 +172,7 @@ def _clear_dead_runs(sync: Sync, run_id: int) -> None:
     r = state.runs
     others = state.plan.c.run_id.in_(sa.select(r.c.run_id).where(
         r.c.sync == sync.spec.name, r.c.run_id != run_id, r.c.status.notin_(FINALIZED)))
-    with sync.state.begin() as c:
+    with state.fenced(sync.state, sync.spec.name, run_id) as c:
         pushing.settle_in_doubt(sync, c, others)
         c.execute(state.plan.delete().where(others))
 
@@ -183,18 +188,24 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
         log.warning("blast-radius guard overridden: %s", p.guard)
         p.guard = None
     advance = mode in ("incremental", "full") and not window and not user_ids and p.watermark is not None
-    state.update_run(sync.state, run_id, users_read=p.users_read, users_changed=p.users_changed,
-                     users_rejected=p.users_invalid, watermark_from=state.show_watermark(since),
-                     watermark_to=state.encode_watermark(p.watermark) if advance else None)
+    with state.fenced(sync.state, sync.spec.name, run_id) as c:
+        c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
+            users_read=p.users_read, users_changed=p.users_changed, users_rejected=p.users_invalid,
+            watermark_from=state.show_watermark(since),
+            watermark_to=state.encode_watermark(p.watermark) if advance else None))
     return p
 
 
 def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pushing.PushResult:
-    with sync.state.begin() as c:  # a retried push task: what its dead attempt had in flight
+    """Push a run's plan (one shard, or all). ``state.LeaseLost`` when another run took the
+    lock over meanwhile: nothing more was sent or committed (its ``requests``/``delivered``
+    say what this push did)."""
+    name = sync.spec.name
+    with state.fenced(sync.state, name, run_id) as c:  # a retried push task: what its dead attempt left
         pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id,
-                                *([state.plan.c.shard == shard] if shard is not None else []))
+                                *([state.plan.c.shard == shard] if shard is not None else []), resend=True)
     result = pushing.push(sync, run_id, shard, progress)
-    with sync.state.begin() as c:
+    with state.fenced(sync.state, name, run_id) as c:
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
                   .values(requests=state.runs.c.requests + result.requests))
         if result.stopped:
@@ -203,8 +214,9 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pu
 
 
 def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:
-    """Count outcomes from the sync tables, decide the status, advance the cursor, unlock."""
-    with sync.state.begin() as c:  # interrupted mid-push: what was in flight may have been applied
+    """Count outcomes from the sync tables, decide the status, advance the cursor, unlock.
+    Fenced: a run whose lock was taken over records nothing (``state.LeaseLost``)."""
+    with state.fenced(sync.state, sync.spec.name, run_id) as c:  # interrupted mid-push: what may have left
         pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id)
     run = state.get_run(sync.state, run_id)
     counts = planning.staged_counts(sync, run_id)
@@ -228,7 +240,7 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
     considered = max(s.users_changed + run["users_rejected"], 1)
     s.ok = status in ("success", "dry_run") or (
         status == "partial" and (s.users_rejected + s.users_failed) / considered <= sync.spec.max_failure_fraction)
-    with sync.state.begin() as c:
+    with state.fenced(sync.state, sync.spec.name, run_id) as c:
         if status in ("success", "partial") and run["watermark_to"]:
             state.set_watermark(c, sync.spec.name, state.decode_watermark(run["watermark_to"]), run_id)
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
@@ -261,6 +273,8 @@ def run(cfg: Config, name: str, *, full_refresh: bool = False, dry_run: bool = F
         push(sync, run_id, progress=progress)
         crashpoint("before_finalize")
         return finalize(sync, run_id)
+    except state.LeaseLost:  # another run holds the sync now: this one records nothing more
+        raise
     except BaseException as e:
         try:
             finalize(sync, run_id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])

@@ -74,7 +74,6 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     hashes = Snapshot(sync.state, spec.name, whole=whole)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
-    beat = state.Heartbeat(sync.state, spec.name, run_id, spec.lock_timeout)
     failed = state.failure_keys(sync.state, spec.name)  # settling a user clears only theirs
 
     moved = _first_pass(sync, plan, hashes, seen, duplicates, progress) if whole and mode != "full" else None
@@ -94,9 +93,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
             plan.users_read += len(frame)
             _watermark(plan, spec, frame)
         _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage)
-        crashpoint("extract_chunk")
-        if stage:  # long plans keep the lock alive
-            beat()
+        crashpoint("extract_chunk")  # (each chunk's staging commit renewed the lock: fenced)
         if progress:
             progress.update(rows=0 if scanned else len(frame), planned=plan.users_changed)
     if duplicates and stage:
@@ -223,7 +220,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     plan.users_invalid += len(rejected)
     if not stage:
         return
-    with sync.state.begin() as c:
+    with state.fenced(sync.state, spec.name, plan.run_id) as c:  # staged only while this run holds the lock
         state.stage(c, staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
         state.clear_failures(c, spec.name, [k for k, _, _ in settled], among=failed)
@@ -409,12 +406,15 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
     for name, rule, null in rules:
         new = row[name]
         old = payload.get(name, MISSING)
-        if new == old and not full:  # unchanged: no rule sends anything (most attributes of a changed user)
+        # unchanged: no rule sends anything (most attributes of a changed user); an unknown
+        # vendor value (state.UNKNOWN: a send was never confirmed) equals no value, so it goes again
+        if new == old and not full:
             continue
         if new is None:
             if old is MISSING or old is None:
                 continue
-            nulled.append(name)
+            if old != state.UNKNOWN:  # the guard counts values that became NULL, not unconfirmed ones
+                nulled.append(name)
             if null == "skip" or rule == "once":
                 continue
             if null == "unset":
@@ -424,9 +424,9 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
                 ops.append((name, Op.SET, None))
                 payload[name] = None
             continue
-        if rule == "once":
+        if rule == "once":  # non-idempotent: its request gets an intent, settled at most once
             if old is MISSING:
-                ops.append((name, Op.SET, new))
+                ops.append((name, Op.ONCE, new))
                 payload[name] = new
         elif rule == "set":
             if full or old != new:
@@ -457,7 +457,7 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
 def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
     """Users whose identity appears more than once: none of their rows is trusted."""
     keys = sorted(duplicates)
-    with sync.state.begin() as c:
+    with state.fenced(sync.state, sync.spec.name, plan.run_id) as c:
         for chunk in state.chunked(keys, 500):
             res = c.execute(state.plan.delete().where(state.plan.c.run_id == plan.run_id,
                                                       state.plan.c.user_key.in_(chunk)))

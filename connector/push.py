@@ -7,10 +7,21 @@ backoff (or the vendor's own wait); a request carrying increase/append ops is ne
 retried after an ambiguous failure (it may have been applied): its idempotent
 attributes are re-sent next run, its non-idempotent ones are not.
 
-A process can also die between "the vendor applied it" and "we recorded that". So a
-request carrying non-idempotent ops is first marked ``sending`` in ``sync_plan`` (a
-write-ahead intent, one small transaction just before it goes): rows a dead run left
-``sending`` are settled by the same at-most-once rule (:func:`settle_in_doubt`).
+A process can also die between "the vendor applied it" and "we recorded that", or stall
+and lose its lock to another run. So nothing leaves unannounced: a chunk of plan rows is
+marked ``out`` (may leave) in one transaction before its batches are handed to the senders,
+and a request carrying non-idempotent ops is first marked ``sending`` (a write-ahead intent,
+one small transaction just before it goes). The next holder settles what a dead run left
+(:func:`settle_in_doubt`): the set attributes of ``out`` and ``sending`` users become
+unknown in the snapshot (re-sent from the warehouse next run, whatever it did meanwhile);
+the non-idempotent ones in flight count as applied (at most once).
+
+A lease bounds how long the push acts on the lock without proving it still holds it
+(:class:`state.Lease`): each request start is checked on the lease's clock (no round
+trip), and every commit (the ``out`` marks, the intents, the answers) is fenced on the lock
+row in its own transaction. Once the lock is lost, the senders start nothing more and
+nothing more is committed: only requests already on the wire complete, and those are
+exactly what the ``out`` and ``sending`` rows name for the new holder.
 """
 
 from __future__ import annotations
@@ -87,11 +98,15 @@ def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResu
     limiter = RateLimiter(cfg.rate_limit or vendor.rate_limit)
     result = PushResult()
     stop = threading.Event()
-    feed = _Feed(sync, run_id, shard, vendor, transport)
+    lease = state.Lease(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout, stop)
+    feed = _Feed(sync, run_id, shard, vendor, transport, lease)
     try:
         with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
-            _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, concurrency, result,
-                   progress)
+            try:
+                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, lease, concurrency,
+                       result, progress)
+            finally:
+                stop.set()  # whatever ended the push (a lost lock, an error), the senders start nothing more
     finally:
         if feed.frozen:
             gc.unfreeze()
@@ -115,9 +130,9 @@ class _Feed:
     the end of the push.
     """
 
-    def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport):
+    def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport, lease=None):
         self.sync, self.vendor, self.transport = sync, vendor, transport
-        self.chunks = _pending(sync, run_id, shard)
+        self.chunks = _pending(sync, run_id, shard, lease)
         self.jobs: deque[_Job] = deque()
         self.more, self.prepared, self.frozen = True, False, False
 
@@ -145,15 +160,23 @@ _p = state.plan
 _COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.ops)  # the rest stays in the plan (see state.snapshot_from_plan)
 
 
-def _pending(sync, run_id: int, shard: int | None):
-    """Pending plan rows, a chunk at a time, as Changes (ordered by key for resumability)."""
+OUT = "out"  # handed to the senders: a request carrying these users may have left
+
+
+def _pending(sync, run_id: int, shard: int | None, lease=None):
+    """Pending plan rows, a chunk at a time, as Changes (ordered by key for resumability).
+
+    With ``lease`` (a push), the chunk's rows are marked ``out`` in the transaction that reads
+    them, fenced: one statement a chunk (a key range), before any of them can be sent."""
     last = ""
+    mine = [_p.c.run_id == run_id, _p.c.status == "pending"] + ([_p.c.shard == shard] if shard is not None else [])
     while True:
-        q = sa.select(*_COLUMNS).where(_p.c.run_id == run_id, _p.c.status == "pending", _p.c.user_key > last)
-        if shard is not None:
-            q = q.where(_p.c.shard == shard)
-        with sync.state.connect() as c:
-            rows = c.execute(q.order_by(_p.c.user_key).limit(READ_CHUNK)).all()
+        with lease.begin() if lease else sync.state.connect() as c:
+            rows = c.execute(sa.select(*_COLUMNS).where(*mine, _p.c.user_key > last)
+                             .order_by(_p.c.user_key).limit(READ_CHUNK)).all()
+            if rows and lease:
+                c.execute(_p.update().where(*mine, _p.c.user_key > last, _p.c.user_key <= rows[-1][0])
+                          .values(status=OUT))
         if not rows:
             return
         yield _load(rows)
@@ -181,49 +204,91 @@ def _load(rows) -> list[Change]:
 
 
 IN_DOUBT = "the run stopped while this request was in flight; it may have been applied, so it is not re-sent"
+UNCONFIRMED = ("the run stopped after handing these users to its senders, before an answer was recorded; "
+               "the vendor may hold their values, so they are re-sent next run")
+STOPPED = "the run stopped before the rest of this user's request was sent"
 
 
-def settle_in_doubt(sync, conn: sa.Connection, *where) -> int:
-    """Settle plan rows left ``sending`` by a run that stopped mid-request (killed, interrupted).
+def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> int:
+    """Settle plan rows a run left ``out`` or ``sending`` when it stopped (killed, interrupted,
+    or its lock lost): a request carrying them may have left, and no answer was recorded.
 
-    The vendor may have applied them, so the ambiguous-failure rule holds: their
-    non-idempotent attributes in flight count as applied (never sent twice), the rest goes
-    again next run; the users are recorded as ``in_doubt``, with one ``in_doubt`` batch
-    row per run. ``where`` narrows the rows (a run, a shard, the sync's other runs).
+    Their set attributes become unknown in the snapshot (:data:`state.UNKNOWN`, row hash 0,
+    a failure row so that the next run re-reads them even by cursor): the next run re-sends
+    the warehouse's values. The non-idempotent attributes of a ``sending`` row's request
+    count as applied (at most once; the users recorded ``in_doubt``); a non-idempotent op
+    never leaves without that intent, so those of ``out`` rows were not sent and go again as
+    planned. One ``in_doubt`` or ``unconfirmed`` batch row per run names them. With
+    ``resend`` (a retried push task of the same run), ``out`` rows go back to ``pending``
+    instead: this push sends them again, as planned. ``where`` narrows the rows (a run, a
+    shard, the sync's other runs).
     """
-    rows = conn.execute(sa.select(_p.c.run_id, _p.c.in_flight, *_COLUMNS).where(_p.c.status == "sending", *where)
-                        .order_by(_p.c.run_id, _p.c.in_flight, _p.c.user_key)).all()
-    for (run_id, in_flight), group in itertools.groupby(rows, key=lambda r: r[:2]):
-        changes = _load([r[2:] for r in group])
+    rows = conn.execute(sa.select(_p.c.run_id, _p.c.status, _p.c.in_flight, *_COLUMNS)
+                        .where(_p.c.status.in_(["sending", OUT]), *where)
+                        .order_by(_p.c.run_id, _p.c.status, _p.c.in_flight, _p.c.user_key)).all()
+    for (run_id, status, in_flight), group in itertools.groupby(rows, key=lambda r: r[:3]):
+        changes = _load([r[3:] for r in group])
         keys = [c.key for c in changes]
+        if status == OUT and resend:
+            _mark(conn, run_id, keys, "pending")
+            continue
+        flight = frozenset(json.loads(in_flight)) if status == "sending" and in_flight else None
+        entries = []
+        for c in changes:
+            applied = {a for a, op, _ in c.ops if not op.idempotent and status == "sending"
+                       and (flight is None or a in flight)}
+            cls, code, why = ("in_doubt", "in_doubt", IN_DOUBT) if applied else ("retryable", "unconfirmed", UNCONFIRMED)
+            entries.append((c, cls, code, why, applied, {a for a, op, _ in c.ops if op.idempotent}))
         who = ", ".join(keys[:50]) + (f" and {len(keys) - 50} more" if len(keys) > 50 else "")
-        sent = _Sent(_Job(changes), Verdict(Kind.RETRY, "in_doubt", f"{IN_DOUBT}: {who}", ambiguous=True), 0,
-                     failing=frozenset(json.loads(in_flight)) if in_flight else None)
-        _batch_row(conn, sync, run_id, 0, sent, "in_doubt")
-        _failed(conn, sync, run_id, [(c, "in_doubt", None, IN_DOUBT) for c in changes], sent)
-        log.warning("run %s: %d user(s) were in flight when it stopped; their increments/appends count as "
-                    "applied (at most once), the rest is re-sent", run_id, len(changes))
+        outcome, why = ("in_doubt", IN_DOUBT) if status == "sending" else ("unconfirmed", UNCONFIRMED)
+        _batch_row(conn, sync, run_id, 0, _Sent(_Job(changes), Verdict(Kind.RETRY, outcome, f"{why}: {who}"), 0),
+                   outcome)
+        _settle(conn, sync, run_id, entries)
+        log.warning("run %s: %d user(s) were %s when it stopped; their set attributes are re-sent next run%s",
+                    run_id, len(changes), "in flight" if status == "sending" else "handed to its senders",
+                    ", their increments/appends/once count as applied (at most once)" if status == "sending" else "")
     return len(rows)
 
 
-def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, concurrency, result, progress):
+def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, lease: state.Lease, concurrency,
+           result, progress):
+    inflight: set[Future] = set()
+    try:
+        _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, concurrency, result, progress,
+              inflight)
+    except state.LeaseLost as e:  # stop is set: the senders start nothing more; what is on the wire completes
+        for fut in inflight:
+            sent = fut.result()
+            result.requests += sent.attempts - sent.job.attempts
+            if sent.verdict is not None and sent.verdict.kind is Kind.DELIVERED and not sent.verdict.per_user:
+                result.delivered += len(sent.job.batch)  # acknowledged, never recorded: the new holder re-sends them
+        e.requests, e.delivered = result.requests, result.delivered
+        raise
+
+
+def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, concurrency, result, progress,
+          inflight: set[Future]):
     cfg = sync.spec.vendor
     jobs = feed.jobs
-    inflight: set[Future] = set()
-    intend = functools.partial(_intend, sync, run_id)
-    beat = state.Heartbeat(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout)
+    intend = functools.partial(_intend, sync, run_id, lease)
     failed_before = state.failure_keys(sync.state, sync.spec.name)  # a delivery clears only theirs
     writes = _Writes(sync, run_id, shard, failed_before)
+    lease.keep()  # proved once before the first request
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
         limit = concurrency * AHEAD if result.requests else 1
         while len(jobs) < limit and not stop.is_set() and feed.fill():
             pass
         while jobs and len(inflight) < limit and not stop.is_set():
-            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, cfg, intend))
+            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, lease, cfg, intend))
         if not inflight:
             break
-        done, inflight = wait(inflight, timeout=writes.due(), return_when=FIRST_COMPLETED)
+        due = writes.due()  # and the lease's renewal: the senders wait for it once it lapses
+        done, _ = wait(inflight, timeout=min(lease.renew_in(), due if due is not None else float("inf")),
+                             return_when=FIRST_COMPLETED)
+        inflight -= done
+        if lease.lost:  # a sender's intent found the lock gone
+            raise lease.lost
         if done:
             crashpoint("vendor_answered")
         for fut in done:
@@ -231,27 +296,39 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
             result.requests += sent.attempts - sent.job.attempts
             _record(sent, writes, jobs, stop, result, cfg.max_attempts)
         if writes.urgent or not inflight or writes.due() == 0:
-            with sync.state.begin() as conn:
+            with lease.begin() as conn:  # fenced: commits only while this run holds the lock
                 writes.flush(conn)
             crashpoint("after_commit")
             writes = _Writes(sync, run_id, shard, failed_before)
         if progress:
             progress.update(requests=result.requests, delivered=result.delivered,
                             failed=result.failed + result.rejected)
-        beat()
+        lease.keep()
+    if lease.lost:
+        raise lease.lost
+    if jobs:  # stopped (the vendor refused the run): what never went to a sender was not sent
+        with lease.begin() as conn:
+            _mark(conn, run_id, [c.key for job in jobs for c in job.batch], "pending")
 
 
-def _intend(sync, run_id: int, batch: list[Change], attributes: frozenset[str]) -> None:
+def _intend(sync, run_id: int, lease: state.Lease, batch: list[Change], attributes: frozenset[str]) -> bool:
     """Write-ahead intent, just before a request with non-idempotent ops goes: from now on
     the vendor may apply ``attributes``, so a run that dies before recording the answer leaves
-    these users ``sending`` — settled at most once (:func:`settle_in_doubt`), never re-sent."""
-    with sync.state.begin() as conn:
-        for chunk in state.chunked([c.key for c in batch if not c.idempotent], 500):
-            conn.execute(_p.update().where(_p.c.run_id == run_id, _p.c.user_key.in_(chunk))
-                         .values(status="sending", in_flight=state.dumps(sorted(attributes))))
+    these users ``sending`` — settled at most once (:func:`settle_in_doubt`), never re-sent.
+    Fenced: False (and the run stopping) when the lock is gone — its rows may be another
+    run's to settle already, so the request must not go."""
+    try:
+        with lease.begin() as conn:
+            for chunk in state.chunked([c.key for c in batch if not c.idempotent], 500):
+                conn.execute(_p.update().where(_p.c.run_id == run_id, _p.c.user_key.in_(chunk))
+                             .values(status="sending", in_flight=state.dumps(sorted(attributes))))
+    except state.LeaseLost:
+        return False
+    return True
 
 
-def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, cfg, intend) -> _Sent:
+def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, lease, cfg,
+          intend) -> _Sent:
     """Send one batch (its parts in order), retrying whole-request transient failures in place."""
     delay = job.not_before - time.monotonic()
     if delay > 0:
@@ -262,7 +339,7 @@ def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: t
         job.shape = [part.attributes for part in built]
     attempts, applied = job.attempts, frozenset()
     for i, attrs in enumerate(job.shape):
-        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, cfg, attempts, intend,
+        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, lease, cfg, attempts, intend,
                           built[i] if built else None)
         attempts = sent.attempts
         v = sent.verdict
@@ -278,7 +355,7 @@ def _parts(vendor, batch: list[Change]) -> list:
     return parts if isinstance(parts, list) else [parts]
 
 
-def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop, cfg, attempts: int,
+def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop, lease, cfg, attempts: int,
                intend, req=None) -> _Sent:
     """``carried``: the attributes this part carries (None: the whole batch); ``req``: the part as
     built already (None: build it; every retry builds afresh: timestamps, nonces, signatures)."""
@@ -292,7 +369,10 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
             req = _parts(vendor, job.batch)[index]
         if not risky <= job.intended:
             job.intended |= risky
-            intend(job.batch, job.intended)
+            if not intend(job.batch, job.intended):
+                return _Sent(job, None, attempts)
+        if not lease.ready():  # the last word before the request starts: the lease, on its clock
+            return _Sent(job, None, attempts)
         crashpoint("before_send")
         sent_at = state.now()
         t0 = time.monotonic()
@@ -324,10 +404,16 @@ def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_at
     """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
     v = sent.verdict
     batch = sent.job.batch
-    if v is None or v.kind is Kind.STOP or (v.kind is Kind.SPLIT and len(batch) > 1):
-        writes.mark([c.key for c in batch], "pending")  # not applied: no longer in flight
-    if v is None:  # never sent (the run was stopped)
+    if v is None:  # not sent (the run is stopping); parts acknowledged before are kept
+        if sent.applied:
+            writes.failures([(c, "retryable", None, STOPPED) for c in batch], sent)
+        else:
+            writes.mark([c.key for c in batch], "pending")
         return
+    if v.kind is Kind.STOP:  # refused: not applied, no longer in flight
+        writes.mark([c.key for c in batch], "pending")
+    elif v.kind is Kind.SPLIT and len(batch) > 1:  # not applied; its halves go next (out again)
+        writes.mark([c.key for c in batch], OUT)
     if v.kind is Kind.STOP:
         stop.set()
         result.stopped = f"{v.code}: {v.message}" if v.code else v.message
@@ -360,7 +446,7 @@ def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_at
         return
     if retry_now:
         jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
-        writes.mark([c.key for c in retry_now], "pending")
+        writes.mark([c.key for c in retry_now], OUT)  # no longer in flight (not applied), going again
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
                "retry" if retry_now and not failed else
@@ -443,27 +529,43 @@ def _failed(conn, sync, run_id, failed, sent: _Sent) -> None:
     """Record failures; where part of a change was (or may have been) applied, keep exactly that.
 
     The snapshot of such a user becomes its old payload plus the attributes the vendor
-    acknowledged — and, after an ambiguous failure, the non-idempotent attributes that
-    may have landed (never re-sent: at most once); everything else goes again next run.
+    acknowledged; after an ambiguous failure (a timeout after sending, a dropped answer), the
+    non-idempotent attributes of the failing part count as applied (never re-sent: at most
+    once) and its set attributes become unknown (re-sent next run); everything else goes
+    again next run as planned.
     """
     if not failed:
         return
-    staged = state.staged_rows(conn, sync.spec.name, run_id, [c.key for c, *_ in failed])
+    maybe = sent.verdict is not None and sent.verdict.ambiguous
+    entries = []
+    for change, cls, code, message in failed:
+        applied, unknown = set(sent.applied), set()
+        if maybe and cls != "rejected":
+            for a, op, _ in change.ops:
+                if sent.failing is None or a in sent.failing:
+                    (unknown if op.idempotent else applied).add(a)
+        entries.append((change, cls, code, message, applied, unknown - applied))
+    _settle(conn, sync, run_id, entries)
+
+
+def _settle(conn, sync, run_id, entries) -> None:
+    """(change, error class, code, message, attributes applied, attributes unknown) of users
+    that failed: the snapshot takes the applied attributes' staged values and marks the
+    unknown ones (row hash 0: the next run diffs them again); a failure row each, re-read
+    next run; their plan rows ``failed``."""
+    staged = state.staged_rows(conn, sync.spec.name, run_id, [e[0].key for e in entries])
     partial = []
-    for change, cls, _, _ in failed:
-        applied = set(sent.applied)
-        if cls == "in_doubt":
-            applied |= {a for a, op, _ in change.ops if not op.idempotent
-                        and (sent.failing is None or a in sent.failing)}
-        if applied:
+    for change, _, _, _, applied, unknown in entries:
+        if applied or unknown:
             _, payload, before = staged[change.key]
             kept = {a: v for a, v in before.items() if a not in applied}
             kept.update({a: payload[a] for a in applied if a in payload})
-            partial.append((change.key, kept, 0))  # hash 0: the next run diffs this user again
+            kept.update({a: state.UNKNOWN for a in unknown})
+            partial.append((change.key, kept, 0))
     state.upsert_snapshot(conn, sync.spec.name, run_id, partial)
     state.record_failures(conn, sync.spec.name, run_id, [
-        (c.key, staged[c.key][0], cls, code, msg) for c, cls, code, msg in failed])
-    _mark(conn, run_id, [c.key for c, *_ in failed], "failed")
+        (c.key, staged[c.key][0], cls, code, msg) for c, cls, code, msg, _, _ in entries])
+    _mark(conn, run_id, [e[0].key for e in entries], "failed")
 
 
 def _mark(conn, run_id: int, keys: list[str], status: str) -> None:

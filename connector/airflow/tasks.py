@@ -114,13 +114,16 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
         raise _fail(str(e)) from None
     mode = "dry_run" if dry else "full" if full else "backfill" if window else "incremental"
     try:
-        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:250])
+        # not bound to this process: the lock outlives the plan task (pushes, finalize)
+        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:250], bound=False)
     except state.Locked as e:
         raise SyncLocked(f"{e}. Another run of '{name}' is syncing; this run waits for it "
                          f"(retried up to {lock_retries()} times, {lock_retry_delay():g} s apart).") from None
     try:
         p = engine.plan(sync, run, mode="full" if full else "incremental", window=window, user_ids=user_ids,
                         dry_run=dry, allow_large_change=bool(params.get("allow_large_change")))
+    except state.LeaseLost as e:  # another run holds the sync now: nothing more is recorded
+        raise _fail(f"planning stopped: {e}") from None
     except BaseException as e:
         engine.finalize(sync, run, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise _fail(f"planning failed: {type(e).__name__}: {e}") from e
@@ -144,14 +147,22 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
 
 
 def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
-    """Push one shard of the staged plan; its rate is a share of the credential's limit."""
-    from connector import engine
+    """Push one shard of the staged plan; its rate is a share of the credential's limit.
+
+    Each push task holds its own lease on the run's lock row (shared by the run's tasks):
+    a worker that stalls past ``lock_timeout`` while another run takes the sync over starts
+    no request and commits nothing once it resumes, and the task fails (not retried)."""
+    from connector import engine, state
+    from connector.cli import superseded
 
     sync = open_sync(config_path, name)
     v = sync.spec.vendor
     share = (v.rate_limit or sync.vendor_cls.rate_limit) / pool_slots()
     sync.spec = sync.spec.model_copy(update={"vendor": v.model_copy(update={"rate_limit": share})})
-    r = engine.push(sync, job["run_id"], shard=job["shard"])
+    try:
+        r = engine.push(sync, job["run_id"], shard=job["shard"])
+    except state.LeaseLost as e:
+        raise _fail(f"shard {job['shard']} stopped: {superseded(e)}") from None
     out = {"shard": job["shard"], "delivered": r.delivered, "rejected": r.rejected, "failed": r.failed,
            "requests": r.requests}
     log.info("run %s shard %s: %s", job["run_id"], job["shard"], out)
@@ -162,12 +173,15 @@ def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
 
 def finalize(config_path: str, name: str, planned: dict[str, Any] | None) -> dict[str, Any]:
     """The run's summary in sync_runs; fails when the run is not acceptable (so it is never green)."""
-    from connector import engine
+    from connector import engine, state
 
     if not planned or planned.get("run_id") is None:
         raise _fail("the plan task did not finish (see its log): nothing was pushed")
     sync = open_sync(config_path, name)
-    s = engine.finalize(sync, planned["run_id"], status=planned.get("outcome"), error=planned.get("error"))
+    try:
+        s = engine.finalize(sync, planned["run_id"], status=planned.get("outcome"), error=planned.get("error"))
+    except state.LeaseLost as e:
+        raise _fail(f"not finalized: {e}; the run holding the lock settled this one") from None
     log.info("%s", s.line())
     if not s.ok:
         raise _fail(s.line())

@@ -37,14 +37,19 @@ class Op(str, enum.Enum):
     APPEND = "append"  # add list items (send the new items only)
     REMOVE = "remove"  # remove list items
     UNSET = "unset"  # delete the attribute
+    # set the value, sent only while the attribute was never delivered: not idempotent (sent
+    # again after its first value landed, it could overwrite it), so its request gets an
+    # intent and a crash settles it at most once, like an increment
+    ONCE = "once"
 
     def __init__(self, value: str):
-        # a plain attribute, not a property: it is asked for every op of every request
+        # plain attributes, not properties: they are asked for every op of every request
         self.idempotent = value in ("set", "unset")
+        self.sets = value in ("set", "once")  # the value goes on the wire as an attribute's value
 
 
 # Update rules a sync may name in its mapping, and what each makes of a change.
-# "once" is a SET that is sent only while the attribute was never delivered.
+# "once" is a ONCE op (a set) that is sent only while the attribute was never delivered.
 RULES = {"set", "increase", "append", "list", "once"}
 
 

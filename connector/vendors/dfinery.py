@@ -60,7 +60,7 @@ class Client(Vendor):
 
     def request(self, batch: list[Change]) -> Request:
         (change,) = batch
-        props = {attr: value for attr, op, value in change.ops if op is Op.SET}
+        props = {attr: value for attr, op, value in change.ops if op.sets}
         now = dt.datetime.now(dt.timezone.utc)
         return Request(
             "POST", self.base_url + PATH, keys=(change.key,),

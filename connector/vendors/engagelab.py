@@ -36,7 +36,7 @@ TYPES = {
 # engine op -> the body's ``type``, in the order a change's parts are sent: idempotent
 # first; ``remove`` before ``add`` so that an attribute with both is acknowledged only
 # when its last part (the add) is, and a half-applied list change is simply redone.
-OP_TYPES = {Op.SET: "set", Op.UNSET: "delete", Op.REMOVE: "remove", Op.INCREASE: "increase", Op.APPEND: "add"}
+OP_TYPES = {Op.SET: "set", Op.ONCE: "set", Op.UNSET: "delete", Op.REMOVE: "remove", Op.INCREASE: "increase", Op.APPEND: "add"}
 # ``delete`` ignores the values, but an empty one is refused (55103) [inferred]: send a placeholder
 DELETE_VALUE = True
 OK = 0

@@ -105,7 +105,7 @@ class Client(Vendor):
         for attr, op, value in change.ops:
             # the console rule applies the value: set -> the value, increase -> the delta,
             # append -> the new items (the planner computed each)
-            if op not in (Op.SET, Op.INCREASE, Op.APPEND):
+            if op not in (Op.SET, Op.ONCE, Op.INCREASE, Op.APPEND):
                 raise ValueError(f"Jiguang cannot {op.value} attribute {attr!r}")
             data[attr] = value
         token = base64.b64encode(f"{self.settings_['project_id']}:{self.creds['project_secret']}".encode()).decode()

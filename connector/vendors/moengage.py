@@ -148,7 +148,7 @@ class Client(Vendor):
     def customer(self, change: Change) -> dict[str, Any]:
         """One user as MoEngage's customer object (the track body and a bulk element)."""
         obj = {"type": "customer", "customer_id": str(change.identity["customer_id"]),
-               "attributes": {attr: value for attr, op, value in change.ops if op is Op.SET}}
+               "attributes": {attr: value for attr, op, value in change.ops if op.sets}}
         if "update_existing_only" in self.settings_:
             obj["update_existing_only"] = bool(self.settings_["update_existing_only"])
         return obj

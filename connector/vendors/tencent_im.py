@@ -227,7 +227,7 @@ class Client(Vendor):
                 or not account.isprintable():
             return f"To_Account {account!r} is not a UserID (printable ASCII, 1-{MAX_ACCOUNT_BYTES} bytes)"
         for attr, op, value in change.ops:
-            if op is not Op.SET or not isinstance(value, str):
+            if not op.sets or not isinstance(value, str):
                 return f"{attr}: Tencent IM only sets string values, not {op.value} {value!r}"
             if len(value.encode()) > MAX_VALUE_BYTES:
                 return f"{attr}: value longer than {MAX_VALUE_BYTES} bytes"
@@ -305,7 +305,7 @@ class Client(Vendor):
 
     def request(self, batch: list[Change]) -> Request:
         users = [{"To_Account": str(c.identity["To_Account"]),
-                  "Attrs": {attr: value for attr, op, value in c.ops if op is Op.SET}} for c in batch]
+                  "Attrs": {attr: value for attr, op, value in c.ops if op.sets}} for c in batch]
         return self._call(SET_ATTR, {"UserAttrs": users}, keys=tuple(c.key for c in batch))
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
