@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import logging
 import zlib
@@ -433,9 +434,7 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
                 ops.append((name, Op.SET, new))
                 payload[name] = new
         elif rule == "increase":
-            delta = new - (old if isinstance(old, (int, float)) else 0)
-            if isinstance(delta, float):
-                delta = round(delta, 9)
+            delta = _difference(new, old if isinstance(old, (int, float)) else 0)
             if delta:
                 ops.append((name, Op.INCREASE, delta))
                 payload[name] = new
@@ -452,6 +451,15 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
         else:  # pragma: no cover - config validation keeps rules known
             raise ValueError(f"unknown rule {rule}")
     return ops, payload, nulled
+
+
+def _difference(new: int | float, old: int | float) -> int | float:
+    """``new - old`` exactly as the wire has them: integers as integers; otherwise the
+    difference of the two numbers' shortest decimal texts (what their JSON says), as the
+    double nearest it (0.3 - 0.1 is 0.2, not 0.19999999999999998; nothing is cut off)."""
+    if type(new) is int and type(old) is int:
+        return new - old
+    return float(decimal.Decimal(repr(new)) - decimal.Decimal(repr(old)))
 
 
 def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
