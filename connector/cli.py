@@ -234,14 +234,15 @@ def cmd_status(args) -> int:
             if run["error"]:
                 print(f"      error: {run['error'][:300]}")
         f = state.failures
-        q = sa.select(f.c.sync, f.c.user_key, f.c.error_class, f.c.code, f.c.message).order_by(f.c.last_seen.desc()).limit(5)
+        q = sa.select(f.c.sync, f.c.user_key, f.c.attribute, f.c.error_class, f.c.code, f.c.message).order_by(
+            f.c.last_seen.desc()).limit(5)
         if args.sync:
             q = q.where(f.c.sync == args.sync)
         fails = c.execute(q).all()
-        if fails:
-            print("recent failures (retried next run):")
-            for s, k, cls, code, msg in fails:
-                print(f"  {s} {k}: {cls} {code or ''} {msg[:120]}")
+        if fails:  # open until delivered; a set-aside value until its source value changes
+            print("recent failures (retried next run; a value set aside, once it changes):")
+            for s, k, attr, cls, code, msg in fails:
+                print(f"  {s} {k}{f' [{attr}]' if attr else ''}: {cls} {code or ''} {msg[:120]}")
     return 0
 
 

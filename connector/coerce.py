@@ -10,6 +10,7 @@ value is a hashable scalar; :func:`decode` turns them back into lists for the pa
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import json
 import math
 from typing import Any
@@ -44,10 +45,12 @@ class Coercer:
         return self.kind in ("long", "double")
 
     def __call__(self, s: pd.Series, label: str) -> tuple[pd.Series, pd.Series]:
-        values, bad = getattr(self, "_" + self.kind)(s)
+        values, bad, *why = getattr(self, "_" + self.kind)(s)
         errors = pd.Series(None, index=s.index, dtype=object)
         if bad.any():
-            errors[bad] = [f"{label}: {_show(v)} is not a valid {self.kind}" for v in s[bad]]
+            notes = why[0][bad] if why else [None] * int(bad.sum())
+            errors[bad] = [f"{label}: {_show(v)} is not a valid {self.kind}" + (f" ({n})" if isinstance(n, str) else "")
+                           for v, n in zip(s[bad], notes)]
         values = values.where(~bad)
         if self.kind in ("string", "datetime", "date", "list") and (self.max_chars or self.max_bytes):
             size_bad = self._oversize(values)
@@ -62,41 +65,49 @@ class Coercer:
             return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
         nested = s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
         present = s.notna() & ~nested
-        if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it
-            text = s.map(lambda v: format(v, "g") if pd.notna(v) else None)
+        if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it; the rest in full
+            text = s.map(lambda v: _float_text(v) if pd.notna(v) else None)
         elif pd.api.types.is_bool_dtype(s):
             text = s.map(lambda v: ("true" if v else "false") if pd.notna(v) else None)
         else:
             text = s.where(present).map(lambda v: v if isinstance(v, str) or v is None or v is pd.NA else str(v))
         return text.astype(object).where(present), nested.astype(bool)
 
-    def _number(self, s):
-        present = s.notna()
-        if s.dtype == object or pd.api.types.is_string_dtype(s):
-            obj = s.astype(object)
-            scalar = obj.map(lambda v: not isinstance(v, (list, tuple, dict, np.ndarray)))
-            num = pd.to_numeric(obj.where(scalar), errors="coerce")
-        else:
-            num = pd.to_numeric(s, errors="coerce")
-        num = num.astype("float64") if not pd.api.types.is_integer_dtype(num) else num
-        bad = present & (num.isna() | ~np.isfinite(num.astype("float64")))
-        return num, bad
-
+    # Numbers arrive exact or not at all: an integer is never taken through a float (past 2^53
+    # that rounds it to another integer), and a value the vendor type cannot hold exactly
+    # (beyond a Long's 64 bits, a fraction in a Long, an integer a Double cannot hold) is bad.
     def _long(self, s):
         if pd.api.types.is_bool_dtype(s):
             s = s.astype("Int64")
-        num, bad = self._number(s)
-        if not pd.api.types.is_integer_dtype(num):
-            frac = num.notna() & ~bad & (num.astype("float64") % 1 != 0)
-            bad = bad | frac
-            num = num.where(~bad).round()
-        too_big = num.notna() & (num.astype("float64").abs() > 2**63 - 1)
-        bad = bad | too_big
-        return num.where(~bad).astype("Int64"), bad
+        if pd.api.types.is_integer_dtype(s):  # int64 / Int64: exact already
+            try:
+                return s.astype("Int64"), pd.Series(False, index=s.index)
+            except (OverflowError, TypeError, ValueError):  # unsigned past 2^63: one by one
+                pass
+        elif pd.api.types.is_float_dtype(s):  # the warehouse's own doubles: whole ones within 64 bits
+            x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            present = ~np.isnan(x)
+            with np.errstate(invalid="ignore"):
+                ok = present & np.isfinite(x) & (x == np.trunc(x)) & (x >= -(2.0**63)) & (x < 2.0**63)
+            out = pd.array(np.where(ok, x, 0).astype(np.int64), dtype="Int64")
+            out[~ok] = pd.NA
+            bad = pd.Series(present & ~ok, index=s.index)
+            return pd.Series(out, index=s.index), bad, _notes(s, bad, _LONG_RANGE)
+        return _exactly(s, _exact_long, "Int64")
 
     def _double(self, s):
-        num, bad = self._number(s)
-        return num.where(~bad).astype("Float64"), bad
+        if pd.api.types.is_float_dtype(s):
+            x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            bad = pd.Series(~np.isnan(x) & ~np.isfinite(x), index=s.index)
+            return s.astype("Float64"), bad
+        if pd.api.types.is_bool_dtype(s):
+            s = s.astype("Int64")
+        if pd.api.types.is_integer_dtype(s) and not pd.api.types.is_unsigned_integer_dtype(s):
+            x = s.to_numpy(dtype=np.int64, na_value=0)
+            big = (x > _MAX_EXACT) | (x < -_MAX_EXACT)  # (not abs: -2^63 has none in int64)
+            if not big.any():
+                return s.astype("Float64"), pd.Series(False, index=s.index)
+        return _exactly(s, _exact_double, "Float64")
 
     def _boolean(self, s):
         present = s.notna()
@@ -156,23 +167,110 @@ class Coercer:
 
 
 class _Bad:
-    """Marks a list cell that could not be coerced."""
+    """Marks a cell that could not be coerced (``note``: why, beyond "not a valid ...")."""
+
+    def __init__(self, note: str | None = None):
+        self.note = note
+
+
+_MAX_EXACT = 2**53  # every integer up to this has a double; past it, not every one
+_LONG_RANGE = "a Long holds -2^63 to 2^63-1"
+_INEXACT = "a Double holds integers exactly only up to 2^53"
+_NESTED = (list, tuple, dict, np.ndarray)
+
+
+def _exact_long(v: Any) -> Any:
+    """``v`` as a Python int, exactly; None for NULL; a _Bad when it is no integer within 64 bits."""
+    if isinstance(v, _NESTED):
+        return _Bad()
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, str):
+        text = v.strip()
+        try:
+            v = int(text)
+        except ValueError:
+            try:
+                v = decimal.Decimal(text)
+            except decimal.InvalidOperation:
+                return _Bad()
+    if isinstance(v, (int, np.integer)):
+        n = int(v)
+    elif isinstance(v, (float, np.floating)):
+        if not math.isfinite(v) or not float(v).is_integer():
+            return _Bad()
+        n = int(v)
+    elif isinstance(v, decimal.Decimal):
+        if not v.is_finite() or v != v.to_integral_value():
+            return _Bad()
+        n = int(v)
+    else:
+        return _Bad()
+    return n if -(2**63) <= n < 2**63 else _Bad(_LONG_RANGE)
+
+
+def _exact_double(v: Any) -> Any:
+    """``v`` as a float; None for NULL; a _Bad when it is not finite, or an integer no double
+    holds exactly (a fraction goes to the nearest double: that is what a Double is)."""
+    if isinstance(v, _NESTED):
+        return _Bad()
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return None
+    if isinstance(v, str):
+        text = v.strip()
+        try:
+            v = int(text)
+        except ValueError:
+            try:
+                v = float(text)
+            except ValueError:
+                return _Bad()
+    if isinstance(v, decimal.Decimal) and v.is_finite() and v == v.to_integral_value():
+        v = int(v)
+    if isinstance(v, (bool, np.bool_, int, np.integer)):
+        f = float(int(v))
+        return f if int(f) == int(v) else _Bad(_INEXACT)
+    if isinstance(v, (float, np.floating, decimal.Decimal)):
+        f = float(v)
+        return f if math.isfinite(f) else _Bad()
+    return _Bad()
+
+
+def _exactly(s: pd.Series, convert, dtype: str):
+    """(values, bad, notes) of a column converted value by value (once per distinct text)."""
+    out = _each_distinct(s.astype(object), convert, _is_text(s))
+    bad = out.map(lambda v: isinstance(v, _Bad)).astype(bool)
+    notes = out.map(lambda v: v.note if isinstance(v, _Bad) else None)
+    values = pd.Series(pd.array([None if b else v for v, b in zip(out, bad)], dtype=dtype), index=s.index)
+    return values, bad, notes
+
+
+def _notes(s: pd.Series, bad: pd.Series, note: str) -> pd.Series:
+    """``note`` for the bad values that are integers out of range, None for the rest."""
+    x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        out_of_range = bad.to_numpy() & np.isfinite(x) & (x == np.trunc(x))
+    return pd.Series(np.where(out_of_range, note, None), index=s.index, dtype=object)
+
+
+def _float_text(v: float) -> str:
+    """A double as text that reads back as the same number: whole ones as integers."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < _MAX_EXACT else repr(v)
 
 
 def _long_item(x: Any) -> int:
-    if isinstance(x, bool) or x is None:
+    n = None if isinstance(x, (bool, np.bool_)) else _exact_long(x)
+    if n is None or isinstance(n, _Bad):
         raise ValueError(x)
-    f = float(x)
-    if not math.isfinite(f) or f % 1:
-        raise ValueError(x)
-    return int(f)
+    return n
 
 
 def _double_item(x: Any) -> float:
-    if isinstance(x, bool) or x is None:
-        raise ValueError(x)
-    f = float(x)
-    if not math.isfinite(f):
+    f = None if isinstance(x, (bool, np.bool_)) else _exact_double(x)
+    if f is None or isinstance(f, _Bad):
         raise ValueError(x)
     return f
 
@@ -280,7 +378,7 @@ def _each_distinct(s: pd.Series, fn, one_kind: bool) -> pd.Series:
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
+    text = repr(v.item() if isinstance(v, np.generic) else v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -89,6 +89,9 @@ class SyncSpec(_Model):
     schedule: str | None = "@daily"
     tags: list[str] = Field(default_factory=list)
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    # a value the vendor can never take: set aside that attribute (the rest of the user is
+    # delivered), or the whole user
+    on_invalid: Literal["attribute", "user"] = "attribute"
     chunk_size: int = Field(50_000, ge=1)
     shards: int = Field(4, ge=1, le=256)
     guard: Guard = Guard()

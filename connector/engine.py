@@ -237,6 +237,9 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
         else:
             status = "partial" if s.users_rejected or s.users_failed else "success"
     s.status = status
+    # the tolerance weighs what went wrong in this run: its rejections and failures, and the
+    # values it set aside anew (``users_rejected`` of the plan: one set aside before, for a
+    # source value still unchanged, is not counted again), against the users it considered
     considered = max(s.users_changed + run["users_rejected"], 1)
     s.ok = status in ("success", "dry_run") or (
         status == "partial" and (s.users_rejected + s.users_failed) / considered <= sync.spec.max_failure_fraction)

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from pandas._libs import lib  # read_sql's own row-to-column conversion
+from pandas.core.internals.construction import convert_object_array
 from sqlalchemy.engine import Engine
 
 from connector import rowhash, state
@@ -127,10 +129,17 @@ def ahead(chunks: Iterator[T], engine: Engine) -> Iterator[T]:
 
 
 def _chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:
+    """What ``pd.read_sql(query, chunksize=size, coerce_float=False)`` yields, the same pandas
+    conversion of each column, except that an integer column with a NULL stays integers."""
     with engine.connect() as conn:
         _pin(conn)
-        conn = conn.execution_options(stream_results=True, yield_per=size)
-        yield from pd.read_sql(query, conn, chunksize=size, coerce_float=False)
+        result = conn.execution_options(stream_results=True, yield_per=size).execute(query)
+        names, empty = list(result.keys()), True
+        for rows in result.partitions(size):
+            empty = False
+            yield _frame(names, list(lib.to_object_array_tuples(rows).T))
+        if empty:  # as read_sql: one frame, with the columns
+            yield pd.DataFrame({n: pd.Series(dtype=object) for n in names})
 
 
 _DRIVER_CURSORS = {("sqlite", "pysqlite"), ("postgresql", "psycopg2"), ("postgresql", "psycopg")}  # that stream
@@ -151,11 +160,26 @@ def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.D
         with contextlib.closing(cursor):
             state.driver_execute(conn, cursor, query)
             while rows := cursor.fetchmany(size):
-                frame = {}
-                for i, (col, f) in enumerate(zip(cols, convert)):
-                    frame[col.name] = array = np.empty(len(rows), dtype=object)
+                content = []
+                for i, f in enumerate(convert):
+                    content.append(array := np.empty(len(rows), dtype=object))
                     array[:] = [f(r[i]) for r in rows] if f else [r[i] for r in rows]
-                yield pd.DataFrame(frame).infer_objects()
+                yield _frame([c.name for c in cols], content)
+
+
+def _frame(names: list[str], content: list[np.ndarray]) -> pd.DataFrame:
+    """Columns of driver values (object arrays) converted as ``pd.read_sql`` converts them
+    (pandas' own function), but an integer column with a NULL as Int64: pandas makes it
+    float64, which rounds every value past 2^53 — an identity among them, so another user's.
+    Integers past 64 bits stay Python ints (objects), NUMERIC's Decimals stay Decimals."""
+    arrays = convert_object_array(content, dtype=None, coerce_float=False)
+    for i, array in enumerate(arrays):
+        if array.dtype.kind == "f" and pd.api.types.infer_dtype(content[i], skipna=True) == "integer":
+            try:
+                arrays[i] = pd.array(content[i], dtype="Int64")
+            except (OverflowError, TypeError):
+                arrays[i] = content[i]
+    return pd.DataFrame(dict(zip(names, arrays)), copy=False)
 
 
 def _pin(conn: sa.Connection) -> None:

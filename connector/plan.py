@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import logging
 import zlib
@@ -39,7 +40,9 @@ class Plan:
     run_id: int
     users_read: int = 0
     users_changed: int = 0  # users with something to send
-    users_invalid: int = 0  # set aside while mapping
+    users_invalid: int = 0  # set aside while mapping (a value or the whole user), newly: counted against the run
+    set_aside_before: int = 0  # set aside again for what was set aside before, unchanged: not counted
+    rows_without_identity: int = 0  # set aside, logged: no user to count them against
     users_settled: int = 0  # hash moved, nothing to send
     reread: int = 0  # users a first pass found moved, read again whole
     snapshot_size: int = 0
@@ -74,6 +77,8 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     hashes = Snapshot(sync.state, spec.name, whole=whole)
     seen = KeySet()  # every key read so far
     duplicates: set[str] = set()
+    if stage:
+        state.clear_unmapped(sync.state, spec.name, [a.attribute for a in spec.mapping])
     failed = state.failure_keys(sync.state, spec.name)  # settling a user clears only theirs
 
     moved = _first_pass(sync, plan, hashes, seen, duplicates, progress) if whole and mode != "full" else None
@@ -99,6 +104,11 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
     if duplicates and stage:
         _reject_duplicates(sync, plan, duplicates)
     plan.snapshot_size = len(hashes)
+    if plan.set_aside_before:
+        log.info("%d user(s) still have a value set aside before, unchanged since: not sent, not counted again "
+                 "(see sync_failures)", plan.set_aside_before)
+    if plan.rows_without_identity:
+        log.warning("%d row(s) without identity set aside", plan.rows_without_identity)
     return plan
 
 
@@ -162,7 +172,6 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
                 *, mode: str, stage: bool) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
-    invalid: dict[str, str] = {}
     frame, digests = _admit(plan, frame, seen, duplicates, list(id_cols.values()))
 
     # diff, first pass: hash of the source row against the snapshot's
@@ -171,18 +180,24 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     moved = (old_hash != row_hash) | ~known if mode != "full" else np.ones(len(frame), dtype=bool)
     frame, row_hash, known = frame[moved], row_hash[moved], known[moved]
 
-    # map the moved rows: coerce every attribute; the first bad value rejects the user
-    wire = {}
+    # map the moved rows: coerce every attribute. A value that cannot be coerced, or that the
+    # vendor documents it can never take, is set aside: that attribute (left at the vendor as
+    # last delivered, the user's other attributes go), or with ``on_invalid: user`` the user
+    vendor, wire, aside = sync.vendor_cls, {}, {}
     for attr in spec.mapping:
-        values, errors = sync.coercers[attr.attribute](frame[attr.column], attr.attribute)
+        coercer = sync.coercers[attr.attribute]
+        values, errors = vendor.refuse(coercer, *coercer(frame[attr.column], attr.attribute), attr.attribute)
         wire[attr.attribute] = values
         for k, reason in errors.dropna().items():
-            invalid.setdefault(k, reason)
+            aside.setdefault(k, {})[attr.attribute] = reason
     cand = pd.DataFrame(wire, index=frame.index)
-    rejected = [(k, _source_identity(frame, k, id_cols), "invalid", None, why) for k, why in invalid.items()]
-    if invalid:
-        good = ~cand.index.isin(list(invalid))
-        cand, frame, row_hash, known = cand[good], frame[good], row_hash[good], known[good]
+    whole: dict[str, str] = {}  # users set aside as a whole: key -> reason
+    if aside and spec.on_invalid == "user":
+        whole, aside = {k: next(iter(r.values())) for k, r in aside.items()}, {}
+        good = ~cand.index.isin(list(whole))
+        cand, row_hash_kept, known = cand[good], row_hash[good], known[good]
+    else:
+        row_hash_kept = row_hash
 
     # second pass: attribute by attribute against the last delivered payload
     old = hashes.payloads(cand.index[known])
@@ -191,8 +206,10 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     names = list(cand.columns)
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
-                                      row_hash, src_ids.itertuples(index=False)):
+                                      row_hash_kept, src_ids.itertuples(index=False)):
         before = state.loads(old[key]) if key in old else None
+        if aside and key in aside:
+            row.update(dict.fromkeys(aside[key], SET_ASIDE))
         ops, payload, nulled = _ops(rules, row, before, full=mode == "full")
         if nulled:
             plan.nulled.update(nulled)
@@ -202,9 +219,9 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             settled.append((key, payload, int(h)))
             continue
         change = Change(key, identity, tuple(ops))
-        reason = sync.vendor_cls.invalid(change)
+        reason = vendor.invalid(change)
         if reason:
-            rejected.append((key, source_identity, "invalid", None, reason))
+            whole[key] = reason
             continue
         plan.users_changed += 1
         # the guard weighs real changes: a full resync re-sends unchanged values, which is no risk
@@ -217,14 +234,66 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
                        dumps(source_identity), dumps(ops), dumps(payload),  # an Op is written as its value
                        int(h), "pending"))
     plan.users_settled += len(settled)
-    plan.users_invalid += len(rejected)
-    if not stage:
-        return
-    with state.fenced(sync.state, spec.name, plan.run_id) as c:  # staged only while this run holds the lock
+    with contextlib.ExitStack() as tx:  # staged only while this run holds the lock (fenced)
+        c = tx.enter_context(state.fenced(sync.state, spec.name, plan.run_id)) if stage else None
+        rejected, cleared = _set_aside(sync, plan, c, frame, row_hash, whole, aside, failed)
+        if not stage:
+            return
         state.stage(c, staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)
         state.clear_failures(c, spec.name, [k for k, _, _ in settled], among=failed)
-        state.record_failures(c, spec.name, plan.run_id, rejected)
+        for attribute, keys in cleared.items():
+            state.clear_failures(c, spec.name, keys, attribute=attribute)
+        state.set_aside(c, spec.name, plan.run_id, rejected)
+
+
+SET_ASIDE = object()  # in a row for ``_ops``: this attribute's value was set aside, leave it be
+
+
+def _set_aside(sync, plan: Plan, conn, frame: pd.DataFrame, row_hash: np.ndarray, whole: dict[str, str],
+               aside: dict[str, dict[str, str]], failed: set[str] | None):
+    """The failure rows this chunk's set-aside values and users need, and the set-aside
+    attributes to forget ({attribute: keys}: their values changed, so they were planned again).
+
+    What was set aside is remembered by its hash (the attribute's source value; the source
+    row for a whole user): seen again unchanged, it is no new failure — not counted against
+    the run, not written again. Only new ones count in ``plan.users_invalid``."""
+    spec = sync.spec
+    keys = [k for k in frame.index if failed is None or k in failed]
+    if not (keys or whole or aside):  # the usual chunk: nothing set aside, now or before
+        return [], {}
+    if conn is None:  # a dry run: what the sync tables hold, read without a transaction
+        with sync.state.connect() as c:
+            prior = state.open_failures(c, spec.name, keys)
+    else:
+        prior = state.open_failures(conn, spec.name, keys)
+    columns = {a.attribute: a.column for a in spec.mapping}
+    cells: dict[str, pd.Series] = {}
+    rows_by_key = pd.Series(row_hash, index=frame.index) if whole else None
+    rows, new = [], set()
+    for key, reason in whole.items():
+        h = int(rows_by_key[key])
+        if prior.get(key, {}).get(state.WHOLE) != ("invalid", h):
+            rows.append((key, state.WHOLE, _source_identity(frame, key, spec.identity_columns), "invalid", None,
+                         reason, h))
+            new.add(key)
+    for key, attrs in aside.items():
+        for attr, reason in attrs.items():
+            if attr not in cells:
+                cells[attr] = pd.Series(rowhash.column_hashes(frame[columns[attr]]).view(np.int64), index=frame.index)
+            h = int(cells[attr][key])
+            if prior.get(key, {}).get(attr) != ("invalid", h):
+                rows.append((key, attr, _source_identity(frame, key, spec.identity_columns), "invalid", None,
+                             reason, h))
+                new.add(key)
+    cleared: dict[str, list[str]] = {}
+    for key, held in prior.items():
+        for attr in held:
+            if attr != state.WHOLE and attr not in aside.get(key, ()):
+                cleared.setdefault(attr, []).append(key)
+    plan.users_invalid += len(new)
+    plan.set_aside_before += len((set(whole) | set(aside)) - new)
+    return rows, cleared
 
 
 def _admit(plan: Plan, frame: pd.DataFrame, seen: KeySet, duplicates: set[str],
@@ -233,9 +302,9 @@ def _admit(plan: Plan, frame: pd.DataFrame, seen: KeySet, duplicates: set[str],
     twice (set aside), and their key digests; those keys join ``seen``."""
     keys, bad_identity = _keys(frame, id_cols)
     frame = frame.set_axis(pd.Index(keys, dtype=object))
-    for i in np.flatnonzero(bad_identity):
+    for i in np.flatnonzero(bad_identity):  # no user to deliver to, nor to remember it by: logged each time read
         log.warning("row with empty identity set aside: %s", _row_text(frame.iloc[i], id_cols))
-        plan.users_invalid += 1
+        plan.rows_without_identity += 1
     ok = ~bad_identity
     ok_keys, digests = keys[ok], digest(keys)
     twice = pd.Series(digests[ok, 0]).duplicated(keep=False).to_numpy(copy=True)  # by the digests' first halves,
@@ -405,6 +474,8 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
     nulled: list[str] = []
     for name, rule, null in rules:
         new = row[name]
+        if new is SET_ASIDE:
+            continue
         old = payload.get(name, MISSING)
         # unchanged: no rule sends anything (most attributes of a changed user); an unknown
         # vendor value (state.UNKNOWN: a send was never confirmed) equals no value, so it goes again
@@ -433,9 +504,7 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
                 ops.append((name, Op.SET, new))
                 payload[name] = new
         elif rule == "increase":
-            delta = new - (old if isinstance(old, (int, float)) else 0)
-            if isinstance(delta, float):
-                delta = round(delta, 9)
+            delta = _difference(new, old if isinstance(old, (int, float)) else 0)
             if delta:
                 ops.append((name, Op.INCREASE, delta))
                 payload[name] = new
@@ -454,6 +523,15 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
     return ops, payload, nulled
 
 
+def _difference(new: int | float, old: int | float) -> int | float:
+    """``new - old`` exactly as the wire has them: integers as integers; otherwise the
+    difference of the two numbers' shortest decimal texts (what their JSON says), as the
+    double nearest it (0.3 - 0.1 is 0.2, not 0.19999999999999998; nothing is cut off)."""
+    if type(new) is int and type(old) is int:
+        return new - old
+    return float(decimal.Decimal(repr(new)) - decimal.Decimal(repr(old)))
+
+
 def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
     """Users whose identity appears more than once: none of their rows is trusted."""
     keys = sorted(duplicates)
@@ -462,10 +540,13 @@ def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
             res = c.execute(state.plan.delete().where(state.plan.c.run_id == plan.run_id,
                                                       state.plan.c.user_key.in_(chunk)))
             plan.users_changed -= res.rowcount
+        prior = state.open_failures(c, sync.spec.name, keys)
+        new = [k for k in keys if prior.get(k, {}).get(state.WHOLE, (None,))[0] != "invalid"]
         # no identity kept: the rows are re-read only when they change (and so pass the cursor)
         state.record_failures(c, sync.spec.name, plan.run_id, [
-            (k, {}, "invalid", None, "duplicate identity in the source") for k in keys])
-    plan.users_invalid += len(keys)
+            (k, {}, "invalid", None, "duplicate identity in the source") for k in new])
+    plan.users_invalid += len(new)  # set aside before: no new failure
+    plan.set_aside_before += len(keys) - len(new)
     log.warning("%d identities appear more than once in the source; set aside: %s", len(keys), ", ".join(keys[:5]))
 
 

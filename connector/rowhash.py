@@ -13,8 +13,9 @@ did not change. The text is exact (floats in full: PostgreSQL's ``extra_float_di
 pinned by the reader, SQLite's REAL columns are quoted), so a changed value moves it.
 Elsewhere (MySQL/MariaDB, other dialects) the rows are hashed here, a column at a time.
 
-A value hashed here hashes the same whatever dtype its chunk arrived as: 5 and 5.0 alike (integer
-columns with NULLs come as floats), NULL apart from every text (also 'None'), booleans
+A value hashed here hashes the same whatever dtype its chunk arrived as: 5 and 5.0 alike (an
+integer column arrives as int64 or, with NULLs, Int64; a float column holding whole numbers
+hashes as they do), NULL apart from every text (also 'None'), booleans
 as the text 'True'/'False' (as an object column of them is hashed), Python dates and
 datetimes as the datetime64 they equal. A column that comes
 as another dtype in another run (datetime64 in one, objects in the next) can only move a
@@ -30,7 +31,10 @@ import pandas as pd
 import sqlalchemy as sa
 from pandas.core.util.hashing import combine_hash_arrays
 
-KEY = "usersync-rows-v1"
+# v2: integers are read exactly (they were read through float64 where a column had a NULL, so
+# values past 2^53 reached the vendor rounded, and the diff never saw it): every row hash
+# moves once, and that one full diff re-sends exactly the values the vendor holds wrong.
+KEY = "usersync-rows-v2"
 COLUMN = "usersync_row_hash"  # the label of the in-database hash in a read's frame
 _MAX_EXACT = 2.0**53  # past this a float no longer holds every integer
 _SAMPLE = 1000  # values looked at to judge whether a text column is mostly distinct

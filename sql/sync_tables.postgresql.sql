@@ -29,6 +29,7 @@ CREATE TABLE sync_cursors (
 CREATE TABLE sync_failures (
 	sync VARCHAR(100) NOT NULL, 
 	user_key VARCHAR(255) NOT NULL, 
+	attribute VARCHAR(255) DEFAULT '' NOT NULL, 
 	identity TEXT NOT NULL, 
 	run_id INTEGER, 
 	error_class VARCHAR(20) NOT NULL, 
@@ -37,7 +38,8 @@ CREATE TABLE sync_failures (
 	attempts INTEGER NOT NULL, 
 	first_seen TIMESTAMP WITH TIME ZONE NOT NULL, 
 	last_seen TIMESTAMP WITH TIME ZONE NOT NULL, 
-	PRIMARY KEY (sync, user_key)
+	value_hash BIGINT, 
+	PRIMARY KEY (sync, user_key, attribute)
 );
 
 CREATE TABLE sync_locks (

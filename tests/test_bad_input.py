@@ -50,13 +50,19 @@ class Bad:
         try:
             with _logged() as log:
                 s = case.run()
-            failed = {r["user_key"]: r["message"] for r in case.rows(state.failures)}
+            rows = case.rows(state.failures)
+            failed = {r["user_key"] for r in rows}
             held = case.held()
             others = [k for k in case.keys if k != self.who and (self.key is None or k != self.key)]
-            # everyone else delivered; the bad user set aside, not sent
+            # everyone else delivered; of the bad user, a bad identity sets aside the whole user
+            # (not sent), a bad value that attribute only (the user's others delivered)
+            v = h.VENDORS[self.vendor]
+            whole = set(self.columns) <= set(v["identity"].values())
+            attrs = {m[1] for m in v["mapping"] if m[0] in self.columns}
             lost = sum(1 for k in others if k not in held) + (self.key is not None and self.key not in failed)
-            lost += self.key in held if self.key else 0
-            return Said("\n".join([s.line(), *failed.values(), *log]), lost)
+            if self.key:
+                lost += (self.key in held) if whole else (self.key not in held or bool(attrs & set(held[self.key])))
+            return Said("\n".join([s.line(), *(r["message"] for r in rows), *log]), lost)
         finally:
             case.running.stop()
 

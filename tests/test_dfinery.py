@@ -170,16 +170,18 @@ def test_throttling_waits_and_delivers(sqlite_url, dfinery, tmp_path):
     assert b["attempts"] == 2
 
 
-def test_bad_value_sets_the_user_aside_and_the_run_goes_on(sqlite_url, dfinery, tmp_path):
+def test_bad_value_sets_its_attribute_aside_and_the_run_goes_on(sqlite_url, dfinery, tmp_path):
     rows = [user_row(i) for i in range(6)]
     rows[2]["interests"] = "not json ["
     make_users(sqlite_url, rows)
     cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url)])
     s = run(cfg, "dfinery_users")
-    assert s.users_delivered == 5 and s.users_rejected == 1 and s.status == "partial"
-    f = table(sqlite_url, state.failures)[0]
-    assert f["user_key"] == "u00002" and f["error_class"] == "invalid" and "interests" in f["message"]
-    assert "u00002" not in dfinery.emulator.state()
+    assert s.users_delivered == 6 and s.users_rejected == 1 and s.status == "partial"
+    (f,) = table(sqlite_url, state.failures)
+    assert (f["user_key"], f["attribute"], f["error_class"]) == ("u00002", "interests", "invalid")
+    assert "interests" in f["message"]
+    held = dfinery.emulator.state()["u00002"]  # the user's other attributes delivered
+    assert "interests" not in held and held["membership"] == rows[2]["plan"]
 
 
 def test_full_refresh_resends_every_set_attribute_without_tripping_the_guard(sqlite_url, dfinery, tmp_path):

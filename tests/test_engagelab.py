@@ -180,11 +180,11 @@ def test_an_empty_string_is_never_sent(setup, el):
     cfg, rows, url = setup
     update_users(url, {"u00006": {"note": ""}})
     s = run(cfg, "el_users")
-    assert s.users_delivered == N - 1 and s.users_rejected == 1 and s.status == "partial"
+    assert s.users_delivered == N and s.users_rejected == 1 and s.status == "partial"
     f = table(url, state.failures)
-    assert [(x["user_key"], x["error_class"]) for x in f] == [("1000006", "invalid")]
+    assert [(x["user_key"], x["attribute"], x["error_class"]) for x in f] == [("1000006", "note", "invalid")]
     assert "note" in f[0]["message"] and "55103" in f[0]["message"]
-    assert euid(6) not in el.emulator.state()
+    assert el.emulator.state()[euid(6)] == expected({**rows[6], "note": None})  # all but the empty note
     assert not any(v in ("", []) for r in el.emulator.log for v in r["body"]["properties"].values())
     # made NULL in the source, the NULL policy (unset) applies and the user goes through
     update_users(url, {"u00006": {"note": None, "updated_at": LATER}})

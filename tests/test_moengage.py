@@ -202,7 +202,7 @@ def test_reserved_customer_ids_are_set_aside_before_any_request(sqlite_url, moen
     assert set(moengage.emulator.state()) == {"u00000", "u00001", "u00002", "u00003"}
 
 
-def test_oversize_string_and_long_array_reject_only_their_user(sqlite_url, moengage, tmp_path):
+def test_oversize_string_and_long_array_set_aside_only_their_attribute(sqlite_url, moengage, tmp_path):
     rows = [user_row(i) for i in range(5)]
     rows[1]["note"] = "x" * 513
     rows[2]["interests"] = json.dumps([f"i{k}" for k in range(51)])
@@ -211,10 +211,13 @@ def test_oversize_string_and_long_array_reject_only_their_user(sqlite_url, moeng
     make_users(sqlite_url, rows)
     cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [moengage_sync(moengage.url)])
     s = run(cfg, "moengage_users")
-    assert s.users_delivered == 3 and s.users_rejected == 2 and s.requests == 3
-    fails = {f["user_key"]: f["message"] for f in table(sqlite_url, state.failures)}
-    assert set(fails) == {"u00001", "u00002"} and "note" in fails["u00001"] and "interests" in fails["u00002"]
-    assert moengage.emulator.state() == {r["user_id"]: expected(r) for r in (rows[0], rows[3], rows[4])}
+    assert s.users_delivered == 5 and s.users_rejected == 2 and s.requests == 5
+    fails = {(f["user_key"], f["attribute"]): f["message"] for f in table(sqlite_url, state.failures)}
+    assert set(fails) == {("u00001", "note"), ("u00002", "interests")}
+    assert "value too long" in fails["u00001", "note"] and "not a valid list" in fails["u00002", "interests"]
+    held = {r["user_id"]: expected(r) for r in rows}  # the rest of those users delivered
+    del held["u00001"]["note"], held["u00002"]["interests"]
+    assert moengage.emulator.state() == held
 
 
 @pytest.mark.parametrize("name", ["id", "_id", "", "moe_score", "MOE_rank", "status", "user_id", "source"])

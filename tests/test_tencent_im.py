@@ -187,17 +187,20 @@ def test_a_push_of_several_chunks_delivers_everyone_and_leaves_nothing_frozen(sq
     assert len(tencent.emulator.state()) == n
 
 
-def test_oversize_value_rejects_that_user_alone(db_url, tencent, tmp_path):
+def test_oversize_value_sets_that_attribute_aside_alone(db_url, tencent, tmp_path):
     rows = [user_row(i) for i in range(8)]
     rows[3]["note"] = "é" * 26  # 26 characters, 52 bytes: over the 50-byte limit
     rows[4]["note"] = "é" * 25  # exactly 50 bytes: fine
     make_users(db_url, rows)
     cfg = write_config(tmp_path / "syncs.yaml", db_url, [tencent_sync(tencent.url)])
     s = run(cfg, "tencent_users")
-    assert (s.status, s.users_delivered, s.users_rejected, s.requests) == ("partial", 7, 1, 1)
+    assert (s.status, s.users_delivered, s.users_rejected, s.requests) == ("partial", 8, 1, 1)
     (f,) = table(db_url, state.failures)
-    assert f["user_key"] == "u00003" and f["error_class"] == "invalid" and "note" in f["message"]
-    assert tencent.emulator.state() == {r["user_id"]: expected(r) for r in rows if r["user_id"] != "u00003"}
+    assert (f["user_key"], f["attribute"], f["error_class"]) == ("u00003", "note", "invalid")
+    assert "note" in f["message"]
+    held = {r["user_id"]: expected(r) for r in rows}
+    del held["u00003"]["note"]  # the rest of that user delivered
+    assert tencent.emulator.state() == held
 
 
 def test_unregistered_attribute_fails_before_any_write(setup, tencent):

@@ -175,10 +175,32 @@ class Vendor:
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         raise NotImplementedError
 
+    # Why the vendor can never take an empty value ("" or []), as its docs say (None: it can).
+    # An empty text is then set aside; an empty list means NULL, and the NULL policy decides.
+    empty_refused: ClassVar[str | None] = None
+
     @classmethod
     def invalid(cls, change: Change) -> str | None:
-        """Reason a change must not be sent at all (checked while planning)."""
+        """Reason a user must not be sent at all, e.g. an identity the vendor cannot take
+        (checked while planning)."""
         return None
+
+    @classmethod
+    def refuse(cls, coercer: Coercer, values: Any, errors: Any, label: str) -> tuple[Any, Any]:
+        """One attribute's coerced (values, errors) with the values the vendor documents it can
+        never accept turned into errors (so set aside while planning, never sent): here empty
+        ones, where ``empty_refused``. A vendor with other such rules extends this."""
+        if cls.empty_refused is None:
+            return values, errors
+        text = values.to_numpy(dtype=object, na_value=None)
+        if coercer.kind == "list":  # no items: as NULL
+            return values.mask(text == "[]"), errors
+        empty = text == ""
+        if empty.any():
+            errors = errors.copy()
+            errors[empty] = f"{label}: empty value ({cls.empty_refused})"
+            values = values.mask(empty)
+        return values, errors
 
 
 def transport_verdict(exc: Exception) -> Verdict:

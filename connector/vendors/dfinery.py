@@ -3,6 +3,9 @@
 ``POST {base}/api/v1/user-profile?service_id=…`` with header ``access_token``; one profile
 a call; body ``{"identity": {...}, "user_properties": {...}, "request_datetime": ISO UTC}``.
 The body's ``code`` is the verdict, not the HTTP status. 10,000 requests a minute.
+
+NULL (the mapping's ``null:``): ``skip`` (the value DFINERY has stays) or ``send`` (the
+property is sent as JSON ``null``). The docs name no call that removes a property: no ``unset``.
 """
 
 from __future__ import annotations
@@ -171,8 +174,8 @@ class Emulator(_EmulatorBase):
 def _type_ok(kind: str, v: Any) -> bool:
     if kind == "string":
         return isinstance(v, str)
-    if kind == "long":
-        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "long":  # a Java long
+        return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
     if kind == "double":
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if kind == "boolean":

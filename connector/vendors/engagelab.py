@@ -6,6 +6,11 @@ The operation ``type`` is per call, so one user's change with several kinds of o
 (set + increase + list add, say) becomes several requests — *parts*, idempotent ones
 first; the push sends them in order and keeps in the snapshot exactly what was
 acknowledged. The body's ``code`` is the verdict (0 = success), not the HTTP status.
+
+NULL (the mapping's ``null:``): ``skip`` (leave the value EngageLab has) or ``unset`` (type
+``delete``: the attribute is removed). An empty value is refused (55103): an empty text is
+set aside while planning (never sent), an empty list counts as NULL — so ``null: unset``
+removes a list that became empty, ``skip`` leaves it.
 """
 
 from __future__ import annotations
@@ -72,14 +77,12 @@ class Client(Vendor):
         if region is not None and str(region).lower() not in REGIONS:
             yield "vendor.settings.region", f"{region!r} is not an EngageLab region (expected: {', '.join(REGIONS)})"
 
+    empty_refused = "EngageLab refuses empty values: 55103"
+
     @classmethod
     def invalid(cls, change: Change) -> str | None:
         if _euid(change.identity.get("euid")) is None:
             return f"euid must be a long (EngageLab's user id), got {change.identity.get('euid')!r}"
-        for attr, op, value in change.ops:
-            if op is not Op.UNSET and value in ("", []):
-                return (f"{attr}: empty value — EngageLab refuses empty values (55103); "
-                        f"make it NULL in the source to apply the NULL policy")
         return None
 
     def request(self, batch: list[Change]) -> Request | list[Request]:
@@ -132,12 +135,12 @@ def _euid(value: Any) -> int | None:
     """The euid as a long, or None when it is not one."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
     if isinstance(value, str) and re.fullmatch(r"-?\d{1,19}", value.strip()):
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
     return None
 
 

@@ -13,6 +13,10 @@ delivered value, append → the new items only, once → the first value, never 
 ``request`` just puts each op's value under ``data``. A full re-send of an accumulate
 attribute would double-count.
 
+NULL (the mapping's ``null:``): ``skip`` only — a value cannot be empty (40009) and there is
+no call that removes an attribute, so a NULLed value stays at Jiguang as last sent. An empty
+text is set aside while planning (never sent: 40009), an empty list counts as NULL.
+
 The body's ``code`` is the verdict (0 = ok). The docs say nothing about rate limiting; we
 follow Jiguang's JPush REST convention: HTTP 429 with code 2002 and ``X-Rate-Limit-Limit`` /
 ``-Remaining`` / ``-Reset`` headers (the emulator answers that way, the client waits for the
@@ -74,6 +78,7 @@ class Client(Vendor):
     types = TYPES
     rules = RULES
     null_policies = frozenset({"skip"})  # 40009: a value cannot be empty, and there is no delete
+    empty_refused = "Jiguang refuses empty values: 40009"
     max_users = 1
     rate_limit = QPS * 0.97  # a margin under the vendor's fixed one-second window
     concurrency = 8
@@ -268,8 +273,8 @@ def _type_ok(kind: str, v: Any) -> bool:
     kind = coercer.kind if coercer else kind
     if kind == "string":
         return isinstance(v, str)
-    if kind == "long":
-        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "long":  # a Java long
+        return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
     if kind == "double":
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if kind == "boolean":

@@ -14,6 +14,11 @@ plus header ``MOE-APPKEY: {workspace_id}``.
 ``status`` is ``success`` or ``fail``; 400/409 reject, 401/403 stop the run, 413 splits,
 429 waits for ``x-ratelimit-reset``, 5xx is retried. MoEngage has no increment or list
 operation in these APIs: attributes are overwritten (``set``), or sent once (``once``).
+
+NULL (the mapping's ``null:``): ``skip`` only — the docs give null no meaning and name no call
+that removes an attribute, so a NULLed value stays at MoEngage as last sent. Values beyond its
+limits (a string over 512 characters, which it would truncate; an array over 50 items) are set
+aside while planning, never sent.
 """
 
 from __future__ import annotations

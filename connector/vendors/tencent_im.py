@@ -11,6 +11,11 @@ it is made here, cached until near expiry and made again when Tencent says it ex
 
 An app has at most 10 attribute names, registered beforehand; ``prepare`` reads them
 (``im_get_attr_name``) and refuses a mapping that names any other before the first write.
+
+NULL (the mapping's ``null:``): ``skip`` (the value Tencent has stays) or ``unset``: the
+attribute is removed with ``im_remove_attr`` (``{"UserAttrs": [{"To_Account", "Attrs":
+[names]}]}``, up to 100 accounts a request). There is no null value on the wire: every value
+is a string of at most 50 bytes, and a longer one is set aside while planning (never sent).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ REGIONS = {  # region -> admin API host [doc]
 DEFAULT_REGION = "china"
 API = "/v4/all_member_push/"
 SET_ATTR, GET_ATTR_NAME, GET_ATTR = API + "im_set_attr", API + "im_get_attr_name", API + "im_get_attr"
+REMOVE_ATTR = API + "im_remove_attr"  # [doc] the attribute names to remove, per account
 MAX_USERS = 100  # accounts a request [doc]
 RATE_PER_SECOND = 100  # requests a second [doc]
 MAX_VALUE_BYTES = 50  # bytes an attribute value [doc]
@@ -189,7 +195,7 @@ class Client(Vendor):
     name = "tencent_im"
     types = TYPES
     rules = {"set": "set", "once": "once"}  # im_set_attr only overwrites
-    null_policies = frozenset({"skip"})  # no null on the wire (values are strings); im_remove_attr not used
+    null_policies = frozenset({"skip", "unset"})  # no null on the wire (values are strings): im_remove_attr
     max_users = MAX_USERS
     rate_limit = RATE_PER_SECOND * 0.97  # a margin under the vendor's fixed one-second window
     concurrency = 8
@@ -222,15 +228,11 @@ class Client(Vendor):
 
     @classmethod
     def invalid(cls, change: Change) -> str | None:
+        """An account Tencent cannot take (the values' 50 bytes are checked as they are coerced)."""
         account = str(change.identity.get("To_Account", ""))
         if not account or len(account.encode()) > MAX_ACCOUNT_BYTES or not account.isascii() \
                 or not account.isprintable():
             return f"To_Account {account!r} is not a UserID (printable ASCII, 1-{MAX_ACCOUNT_BYTES} bytes)"
-        for attr, op, value in change.ops:
-            if not op.sets or not isinstance(value, str):
-                return f"{attr}: Tencent IM only sets string values, not {op.value} {value!r}"
-            if len(value.encode()) > MAX_VALUE_BYTES:
-                return f"{attr}: value longer than {MAX_VALUE_BYTES} bytes"
         return None
 
     # -- the UserSig ------------------------------------------------------------------
@@ -299,14 +301,38 @@ class Client(Vendor):
 
     # -- per batch ------------------------------------------------------------------
     def batches(self, changes: list[Change]) -> Iterator[list[Change]]:
-        """Every request carries the full 100 accounts Tencent takes; the last one the rest."""
-        for i in range(0, len(changes), MAX_USERS):
-            yield changes[i : i + MAX_USERS]
+        """Requests of the full 100 accounts Tencent takes: the users that only set, then those
+        that only remove. A user that needs both goes alone, as two requests (parts): were it
+        in a shared pair, an ErrorList for another account of the first would leave its
+        second unsent, and it would count as delivered."""
+        sets, removes = [], []
+        for c in changes:
+            if all(op.sets for _, op, _ in c.ops):
+                sets.append(c)
+            elif all(op is Op.UNSET for _, op, _ in c.ops):
+                removes.append(c)
+            else:
+                yield [c]
+        for group in (sets, removes):
+            for i in range(0, len(group), MAX_USERS):
+                yield group[i : i + MAX_USERS]
 
-    def request(self, batch: list[Change]) -> Request:
-        users = [{"To_Account": str(c.identity["To_Account"]),
-                  "Attrs": {attr: value for attr, op, value in c.ops if op.sets}} for c in batch]
-        return self._call(SET_ATTR, {"UserAttrs": users}, keys=tuple(c.key for c in batch))
+    def request(self, batch: list[Change]) -> Request | list[Request]:
+        """``im_set_attr`` for the values set, ``im_remove_attr`` for the attributes unset
+        (both, as two parts, only for a user alone in its batch: see ``batches``)."""
+        sets = [(c, {a: v for a, op, v in c.ops if op.sets}) for c in batch]
+        removes = [(c, [a for a, op, _ in c.ops if op is Op.UNSET]) for c in batch]
+        parts = [self._part(path, [(c, attrs) for c, attrs in users if attrs])
+                 for path, users in ((SET_ATTR, sets), (REMOVE_ATTR, removes)) if any(a for _, a in users)]
+        if len(parts) == 1:
+            return parts[0]
+        for part in parts:  # an attribute is acknowledged with the part that carries it
+            part.attributes = tuple(dict.fromkeys(n for u in part.json["UserAttrs"] for n in u["Attrs"]))
+        return parts
+
+    def _part(self, path: str, users: list[tuple[Change, Any]]) -> _Call:
+        body = {"UserAttrs": [{"To_Account": str(c.identity["To_Account"]), "Attrs": attrs} for c, attrs in users]}
+        return self._call(path, body, keys=tuple(c.key for c, _ in users))
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         return self._read(request, response)[0]
@@ -380,7 +406,7 @@ class Emulator(_EmulatorBase):
 
     name = "tencent_im"
     routes = {("POST", SET_ATTR): "set_attr", ("POST", GET_ATTR_NAME): "get_attr_name",
-              ("POST", GET_ATTR): "get_attr"}
+              ("POST", GET_ATTR): "get_attr", ("POST", REMOVE_ATTR): "remove_attr"}
     rate_window = WINDOW
 
     def __init__(self, sdkappid: str | int = "1400000000", secret_key: str = "demo-secret-key",
@@ -493,6 +519,35 @@ class Emulator(_EmulatorBase):
                                    "ErrorInfo": "account does not exist"})
                     continue
                 self.attrs.setdefault(u["To_Account"], {}).update(u["Attrs"])
+        return 200, {**_ok(), **({"ErrorList": errors} if errors else {})}, {}
+
+
+    def remove_attr(self, req):
+        if (refused := self._auth(req)) is not None:
+            return refused
+        body = req.json
+        users = body.get("UserAttrs") if isinstance(body, dict) else None
+        if not isinstance(users, list) or not users:
+            return 200, _fail(90001, "UserAttrs must be a non-empty list"), {}
+        if len(users) > MAX_USERS:
+            return 200, _fail(90018, "the number of requested accounts exceeds the limit"), {}
+        for u in users:
+            if not isinstance(u, dict) or not isinstance(u.get("To_Account"), str) or not u["To_Account"] \
+                    or not isinstance(u.get("Attrs"), list) or not all(isinstance(n, str) for n in u["Attrs"]):
+                return 200, _fail(90001, "each entry needs To_Account (string) and Attrs (a list of names)"), {}
+            for name in u["Attrs"]:
+                if name not in self.attr_names:
+                    return 200, _fail(90033, f"invalid attribute: {name}"), {}
+        errors = []
+        with self.lock:
+            for u in users:
+                if self.accounts is not None and u["To_Account"] not in self.accounts:
+                    errors.append({"To_Account": u["To_Account"], "ErrorCode": 70107,
+                                   "ErrorInfo": "account does not exist"})
+                    continue
+                held = self.attrs.get(u["To_Account"], {})
+                for name in u["Attrs"]:
+                    held.pop(name, None)
         return 200, {**_ok(), **({"ErrorList": errors} if errors else {})}, {}
 
 
