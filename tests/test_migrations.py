@@ -292,3 +292,36 @@ def test_an_upgrade_never_recreates_a_lost_snapshot(db_url, tmp_path):
     r = cli("db", "upgrade", "--config", str(cfg))
     assert r.returncode == 2 and "sync table(s) sync_snapshot missing although sync_runs records 1 run(s)" in r.stderr
     eng.dispose()
+
+
+NEW_COLUMN = """
+import sys
+import sqlalchemy as sa
+from connector import migrations, state
+state.batches.append_column(sa.Column("worker_host", sa.String(200)))  # a schema change, as a helper would make it
+print(migrations.revision("worker host").name)
+eng = state.make_engine(sys.argv[1])
+print(migrations.upgrade(eng))
+print(migrations.current(eng), [c["name"] for c in sa.inspect(eng).get_columns("sync_batches")][-1])
+"""
+
+
+def test_a_schema_change_is_one_command_away_from_its_revision(sqlite_url):
+    """`usersync db revision -m` (migrations.revision) writes the next numbered file from what
+    state.py has that head lacks, and that file upgrades a database. Written into the package's
+    versions/ (where a real one goes), removed again here."""
+    versions = Path(migrations.__file__).parent / "versions"
+    base = migrations.head()
+    nxt = f"{int(base) + 1:04d}"
+    try:
+        r = subprocess.run([sys.executable, "-c", NEW_COLUMN, sqlite_url], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        name, upgraded, now = r.stdout.splitlines()[-3:]  # after Alembic's "Generating ..."
+        assert name == f"{nxt}_worker_host.py"
+        text = (versions / name).read_text()
+        assert f"revision = '{nxt}'" in text and f"down_revision = '{base}'" in text
+        assert "batch_op.add_column(sa.Column('worker_host', sa.String(length=200), nullable=True))" in text
+        assert upgraded == f"(None, '{nxt}')" and now == f"{nxt} worker_host"
+    finally:
+        for stale in [*versions.glob(f"{nxt}_*.py"), *versions.glob(f"__pycache__/{nxt}_*")]:
+            stale.unlink()
