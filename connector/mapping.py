@@ -52,12 +52,14 @@ class MappingChange:
         """Attributes whose old wire values may be equal in Python but not on the wire (3 vs 3.0, true vs 1)."""
         return frozenset(self.changed)
 
-    def strip(self, before: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Op, Any]]]:
-        """A user's delivered payload without the removed attributes, and the unset ops asked for them."""
-        if not any(a in before for a in self.removed):
-            return before, []
+    def strip(self, before: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Op, Any]], list[str]]:
+        """A user's delivered payload without the removed attributes, the unset ops asked for
+        them, and the removed attributes it held."""
+        dropped = [a for a in self.removed if a in before]
+        if not dropped:
+            return before, [], dropped
         kept = {a: v for a, v in before.items() if a not in self.removed}
-        return kept, [(a, Op.UNSET, None) for a in self.removed if a in self.unset and before[a] is not None]
+        return kept, [(a, Op.UNSET, None) for a in dropped if a in self.unset and before[a] is not None], dropped
 
     def data_changed(self, before: dict[str, Any], after: dict[str, Any]) -> bool:
         """Whether the payload moved on an attribute the mapping change did not touch: what the

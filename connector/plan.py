@@ -73,7 +73,6 @@ class Plan:
         if m is not None and attr in m.changed:
             return f"would become NULL because of the mapping change ({', '.join(m.changed[attr])} changed)"
         return "became NULL"
-        return None
 
 
 def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_ids=None,
@@ -212,10 +211,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         before = state.loads(old[key]) if key in old else None
         unset = []
         if change_of_mapping is not None and before is not None:
-            held = before
-            before, unset = change_of_mapping.strip(before)
-            if before is not held:
-                plan.dropped.update(a for a in change_of_mapping.removed if a in held)
+            before, unset, dropped = change_of_mapping.strip(before)
+            plan.dropped.update(dropped)
         ops, payload, nulled = _ops(rules, row, before, full=mode == "full", strict=strict)
         if unset:
             ops += unset
