@@ -191,6 +191,13 @@ def cmd_plan(args) -> int:
         engine.finalize(sync, run_id, status="dry_run")
     print(f"{args.sync}: read {p.users_read} users; {p.users_changed} to send; {p.users_invalid} set aside; "
           f"{p.users_settled} changed in unmapped or NULL-skipped columns only")
+    m = p.mapping
+    if m is not None and m.since_run is None:
+        print("mapping: none remembered yet (a first run, or state older than sync_mappings): every user is read once")
+    elif m is not None:
+        print(f"mapping changed since run {m.since_run} ({m.since:%Y-%m-%d %H:%M:%S} UTC): a run reads every user "
+              "once and sends only what the change touches:")
+        print("\n".join(m.lines(p.per_attribute, p.dropped)))
     if p.per_attribute:
         width = max(len(a) for a in p.per_attribute)
         print("changes per attribute:")
@@ -231,6 +238,10 @@ def cmd_status(args) -> int:
                                  .where(b.c.run_id == run["run_id"]).group_by(b.c.outcome)).all()
             if outcomes:
                 print("      batches: " + ", ".join(f"{o} {n} ({a} attempts)" for o, n, a in outcomes))
+            if run["mapping_change"]:
+                change = json.loads(run["mapping_change"])
+                print("      mapping backfill: " + "; ".join(
+                    f"{k} {', '.join(change[k])}" for k in ("added", "changed", "removed") if change[k]))
             if run["error"]:
                 print(f"      error: {run['error'][:300]}")
         f = state.failures

@@ -63,7 +63,9 @@ class Coercer:
     def _string(self, s):
         if _is_text(s):  # already text: nothing to convert, nothing nested
             return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
-        nested = s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
+        # only an object column can hold lists (a datetime column's map would come back as datetimes)
+        nested = (s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool) if s.dtype == object
+                  else pd.Series(False, index=s.index))
         present = s.notna() & ~nested
         if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it; the rest in full
             text = s.map(lambda v: _float_text(v) if pd.notna(v) else None)

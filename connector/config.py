@@ -95,6 +95,9 @@ class SyncSpec(_Model):
     chunk_size: int = Field(50_000, ge=1)
     shards: int = Field(4, ge=1, le=256)
     guard: Guard = Guard()
+    # attributes that, once they leave the mapping, are unset at the vendor (where it can unset);
+    # by default a removed attribute is only no longer synced: the vendor keeps its values
+    unset_removed: list[str] = Field(default_factory=list)
     # seconds without a heartbeat after which a run's lock is presumed dead and taken over
     lock_timeout: float = Field(600.0, gt=0)
 
@@ -243,6 +246,11 @@ def _check_vendor(spec: SyncSpec, cls: type[vendors.Vendor]) -> list[tuple[str, 
         if a.attribute in attrs:
             problems.append((f"{where}.attribute", f"attribute {a.attribute!r} is mapped twice"))
         attrs.add(a.attribute)
+    if spec.unset_removed and "unset" not in cls.null_policies:
+        problems.append(("unset_removed", f"{cls.name} has no way to unset an attribute; remove the values in "
+                                          f"its console instead"))
+    problems += [("unset_removed", f"attribute {a!r} is still mapped; unset_removed names attributes that "
+                                   "left the mapping") for a in spec.unset_removed if a in attrs]
     problems += list(cls.validate(spec))
     return problems
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector import __version__, connections, extract, migrations, plan as planning, push as pushing, state, vendors
+from connector import __version__, connections, extract, mapping as mappings, migrations, plan as planning
+from connector import push as pushing, state, vendors
 from connector.config import Config, ConfigError, SyncSpec
 from connector.faults import crashpoint
 
@@ -179,10 +180,21 @@ def _clear_dead_runs(sync: Sync, run_id: int) -> None:
 
 def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, user_ids=None,
          dry_run: bool = False, allow_large_change: bool = False, progress=None) -> planning.Plan:
-    """Extract, map, diff and stage; then apply the blast-radius guard."""
-    since = state.get_watermark(sync.state, sync.spec.name) if mode == "incremental" and not window else None
+    """Extract, map, diff and stage; then apply the blast-radius guard.
+
+    When the mapping differs from the one last delivered, the run is a mapping backfill: it
+    reads every user (not only those past the cursor; the watermark still advances) and
+    records the change in ``sync_runs.mapping_change``; ``finalize`` remembers the new mapping
+    once the deliveries are recorded. A window or a list of users reads only those: the
+    change applies to them, and the next full read still backfills the rest."""
+    change = mappings.compare(sync.spec, state.get_mapping(sync.state, sync.spec.name))  # one small query
+    backfill = change is not None and not window and not user_ids
+    if change is not None:
+        _log_mapping(sync, change, backfill)
+    since = (state.get_watermark(sync.state, sync.spec.name)
+             if mode == "incremental" and not window and not backfill else None)
     p = planning.build(sync, run_id, mode=mode, since=since, window=window, user_ids=user_ids,
-                       stage=not dry_run, progress=progress)
+                       stage=not dry_run, progress=progress, mapping=change)
     p.guard = p.check_guard(sync.spec.guard)
     if p.guard and allow_large_change:
         log.warning("blast-radius guard overridden: %s", p.guard)
@@ -192,8 +204,24 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
             users_read=p.users_read, users_changed=p.users_changed, users_rejected=p.users_invalid,
             watermark_from=state.show_watermark(since),
-            watermark_to=state.encode_watermark(p.watermark) if advance else None))
+            watermark_to=state.encode_watermark(p.watermark) if advance else None,
+            mapping_change=state.dumps(change.as_json()) if backfill else None))
     return p
+
+
+def _log_mapping(sync: Sync, change: mappings.MappingChange, backfill: bool) -> None:
+    name, reach = sync.spec.name, ("reading every user once, sending only what the change touches" if backfill
+                                   else "applied to the users this run reads only")
+    if change.since_run is None:
+        log.info("%s: no delivered mapping remembered yet (a first run, or state older than sync_mappings): %s",
+                 name, reach)
+        return
+    log.warning("%s: the mapping changed since run %s (%s UTC): %s; %s", name, change.since_run,
+                f"{change.since:%Y-%m-%d %H:%M:%S}", change.describe(), reach)
+    for a in change.removed:
+        log.warning("%s: attribute %r is no longer synced: %s", name, a,
+                    "it is unset at the vendor (unset_removed)" if a in change.unset
+                    else "the vendor keeps its values; the snapshot stops tracking it")
 
 
 def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pushing.PushResult:
@@ -246,6 +274,10 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
     with state.fenced(sync.state, sync.spec.name, run_id) as c:
         if status in ("success", "partial") and run["watermark_to"]:
             state.set_watermark(c, sync.spec.name, state.decode_watermark(run["watermark_to"]), run_id)
+        if status in ("success", "partial") and run["mapping_change"]:
+            # every planned user is now delivered or kept in sync_failures (re-read and re-diffed
+            # each run): from here on the snapshot holds this mapping's values
+            state.remember_mapping(c, sync.spec.name, run_id, state.loads(run["mapping_change"])["mapping"])
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
             status=status, finished_at=state.now(), users_delivered=s.users_delivered,
             users_rejected=s.users_rejected, users_failed=s.users_failed, error=s.error))

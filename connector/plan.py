@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from connector import extract, rowhash, state
+from connector import extract, mapping as mappings, rowhash, state
 from connector.coerce import _is_text, decode_column
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
@@ -52,6 +52,8 @@ class Plan:
     samples: list[Change] = dataclasses.field(default_factory=list)
     watermark: Any = None
     guard: str | None = None
+    mapping: mappings.MappingChange | None = None  # the mapping changed since it was last delivered
+    dropped: Counter = dataclasses.field(default_factory=Counter)  # removed attributes: users that held each
 
     def check_guard(self, guard) -> str | None:
         """Why this plan is implausibly large, or None."""
@@ -63,16 +65,25 @@ class Plan:
                     f"({self.existing_changed / n:.0%} > max_changed_fraction {guard.max_changed_fraction:.0%})")
         for attr, count in self.nulled.most_common(1):
             if count / n > guard.max_nulled_fraction:
-                return (f"attribute '{attr}' became NULL for {count} of {n} known users "
+                return (f"attribute '{attr}' {self._nulled_by(attr)} for {count} of {n} known users "
                         f"({count / n:.0%} > max_nulled_fraction {guard.max_nulled_fraction:.0%})")
         return None
 
+    def _nulled_by(self, attr: str) -> str:
+        m = self.mapping
+        if m is not None and attr in m.unset:
+            return "would be unset by the mapping change (it left the mapping and unset_removed names it)"
+        if m is not None and attr in m.changed:
+            return f"would become NULL because of the mapping change ({', '.join(m.changed[attr])} changed)"
+        return "became NULL"
+
 
 def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_ids=None,
-          stage: bool = True, progress=None) -> Plan:
-    """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
+          stage: bool = True, progress=None, mapping: mappings.MappingChange | None = None) -> Plan:
+    """Read the source, diff it and (with ``stage``) write the plan and settle hashes;
+    ``mapping``: how the mapping changed since it was last delivered."""
     spec = sync.spec
-    plan = Plan(run_id)
+    plan = Plan(run_id, mapping=mapping)
     whole = (since is None or not spec.cursor) and window is None and not user_ids
     hashes = Snapshot(sync.state, spec.name, whole=whole)
     seen = KeySet()  # every key read so far
@@ -83,7 +94,7 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
 
     moved = _first_pass(sync, plan, hashes, seen, duplicates, progress) if whole and mode != "full" else None
     if moved is None and plan.users_read:  # the first pass gave up: one full read instead
-        plan, seen, duplicates = Plan(run_id), KeySet(), set()
+        plan, seen, duplicates = Plan(run_id, mapping=mapping), KeySet(), set()
     admitted = seen if moved is None else KeySet()  # the first pass saw every key once already
     if user_ids:
         chunks = extract.read(sync.warehouse, sync.source, spec, identities=_identities(spec, user_ids))
@@ -202,6 +213,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     # second pass: attribute by attribute against the last delivered payload
     old = hashes.payloads(cand.index[known])
     staged, settled, dumps, rules = [], [], state.dumps, _rules(sync)
+    change_of_mapping = plan.mapping
+    strict = change_of_mapping.strict if change_of_mapping else frozenset()
     src_ids = frame.loc[cand.index, list(id_cols.values())]
     names = list(cand.columns)
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
@@ -210,7 +223,14 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
         before = state.loads(old[key]) if key in old else None
         if aside and key in aside:
             row.update(dict.fromkeys(aside[key], SET_ASIDE))
-        ops, payload, nulled = _ops(rules, row, before, full=mode == "full")
+        unset = []
+        if change_of_mapping is not None and before is not None:
+            before, unset, dropped = change_of_mapping.strip(before)
+            plan.dropped.update(dropped)
+        ops, payload, nulled = _ops(rules, row, before, full=mode == "full", strict=strict)
+        if unset:
+            ops += unset
+            nulled += [a for a, _, _ in unset]
         if nulled:
             plan.nulled.update(nulled)
         ident_values = [v if type(v) is str else _identity_value(v) for v in ident_row]
@@ -225,7 +245,8 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             continue
         plan.users_changed += 1
         # the guard weighs real changes: a full resync re-sends unchanged values, which is no risk
-        plan.existing_changed += before is not None and payload != before
+        plan.existing_changed += before is not None and (
+            payload != before if change_of_mapping is None else change_of_mapping.data_changed(before, payload))
         for attr, _, _ in ops:
             plan.per_attribute[attr] += 1
         if len(plan.samples) < 5:
@@ -318,8 +339,9 @@ def _admit(plan: Plan, frame: pd.DataFrame, seen: KeySet, duplicates: set[str],
 
 
 def _fingerprint(sync) -> str:
-    """What the wire form of a source row depends on: moves every row hash when it changes."""
-    return repr([(a.column, a.attribute, a.rule, sync.coercers[a.attribute]) for a in sync.spec.mapping])
+    """What the wire form of a source row depends on (the mapping's specs): moves every row hash
+    when it changes, so a mapping backfill re-reads the users its crashed attempt did not settle."""
+    return repr(list(mappings.specs(sync.spec).items()))
 
 
 def digest(keys: np.ndarray) -> np.ndarray:
@@ -466,9 +488,12 @@ def _rules(sync) -> list[tuple[str, str, str]]:
     return [(a.attribute, sync.vendor_cls.rules[a.rule], a.null) for a in sync.spec.mapping]
 
 
-def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[str, Any] | None, *, full: bool):
+def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[str, Any] | None, *, full: bool,
+         strict: frozenset[str] = frozenset()):
     """The ops that bring the vendor from ``before`` (last delivered) to ``row`` (decoded
-    values, None for NULL), the payload after them, and the attributes that became NULL."""
+    values, None for NULL), the payload after them, and the attributes that became NULL.
+    ``strict``: attributes whose mapping changed, equal only when their wire text is (3 is
+    not 3.0 there, nor true 1)."""
     payload = dict(before or {})
     ops: list[tuple[str, Op, Any]] = []
     nulled: list[str] = []
@@ -478,8 +503,10 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
             continue
         old = payload.get(name, MISSING)
         # unchanged: no rule sends anything (most attributes of a changed user); an unknown
-        # vendor value (state.UNKNOWN: a send was never confirmed) equals no value, so it goes again
-        if new == old and not full:
+        # vendor value (state.UNKNOWN: a send was never confirmed) equals no value, so it goes again;
+        # an attribute the mapping changed (``strict``) compares by its wire text (True vs 1)
+        same = new == old and (not strict or name not in strict or state.dumps(new) == state.dumps(old))
+        if same and not full:
             continue
         if new is None:
             if old is MISSING or old is None:
@@ -500,7 +527,7 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
                 ops.append((name, Op.ONCE, new))
                 payload[name] = new
         elif rule == "set":
-            if full or old != new:
+            if full or not same:
                 ops.append((name, Op.SET, new))
                 payload[name] = new
         elif rule == "increase":

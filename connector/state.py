@@ -54,6 +54,9 @@ runs = sa.Table(
     sa.Column("watermark_from", sa.String(100)),
     sa.Column("watermark_to", sa.String(100)),  # cursor value to commit when the run succeeds
     sa.Column("error", sa.Text),
+    # JSON, set when the run backfills a changed mapping: {"added", "changed", "removed", "unset", "mapping"};
+    # "mapping" is what the run planned under, remembered in sync_mappings once its deliveries are recorded
+    sa.Column("mapping_change", sa.Text),
 )
 
 batches = sa.Table(
@@ -119,6 +122,15 @@ plan = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),  # pending / sending (in flight) / delivered / failed
     sa.Column("in_flight", sa.Text),  # while sending: JSON list of the non-idempotent attributes that may land
     sa.Index("ix_sync_plan_shard", "run_id", "shard", "status"),
+)
+
+mappings = sa.Table(
+    "sync_mappings", metadata,  # the mapping a sync last delivered under (beside the snapshot it explains)
+    sa.Column("sync", _SYNC, primary_key=True),
+    sa.Column("attribute", _KEY, primary_key=True),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: what the wire value depends on (connector.mapping.specs)
+    sa.Column("since_run", sa.Integer),  # the run that first delivered under this spec
+    sa.Column("updated_at", _TS, nullable=False),
 )
 
 cursors = sa.Table(
@@ -499,6 +511,32 @@ def failed_identities(engine: Engine, sync: str) -> list[dict[str, Any]]:
         rows = c.execute(sa.select(failures.c.identity).where(failures.c.sync == sync,
                                                               failures.c.attribute == WHOLE))
         return [ident for ident in (json.loads(i) for (i,) in rows) if ident]
+
+
+# -- mapping -------------------------------------------------------------------------
+def get_mapping(engine: Engine, sync: str) -> dict[str, tuple[dict[str, str], int | None, dt.datetime]]:
+    """The mapping a sync last delivered under: attribute -> (spec, since run, since when)."""
+    m = mappings
+    with engine.connect() as c:
+        rows = c.execute(sa.select(m.c.attribute, m.c.spec, m.c.since_run, m.c.updated_at).where(m.c.sync == sync))
+        return {a: (loads(s), r, _aware(t)) for a, s, r, t in rows}
+
+
+def remember_mapping(conn: sa.Connection, sync: str, run_id: int, specs: dict[str, dict[str, str]]) -> None:
+    """Record ``specs`` as the mapping delivered, once run ``run_id``'s deliveries are: an
+    attribute whose spec did not change keeps the run (and time) since which it holds."""
+    m, ts = mappings, now()
+    kept = {a: (s, r, t) for a, s, r, t in conn.execute(
+        sa.select(m.c.attribute, m.c.spec, m.c.since_run, m.c.updated_at).where(m.c.sync == sync))}
+    conn.execute(m.delete().where(m.c.sync == sync))
+    rows = []
+    for attr, spec in specs.items():
+        old = kept.get(attr)
+        same = old is not None and loads(old[0]) == spec
+        rows.append({"sync": sync, "attribute": attr, "spec": dumps(spec), "since_run": old[1] if same else run_id,
+                     "updated_at": old[2] if same else ts})
+    if rows:
+        conn.execute(m.insert(), rows)
 
 
 # -- cursor --------------------------------------------------------------------------

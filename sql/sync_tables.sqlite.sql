@@ -51,6 +51,15 @@ CREATE TABLE sync_locks (
 	PRIMARY KEY (sync)
 );
 
+CREATE TABLE sync_mappings (
+	sync VARCHAR(100) NOT NULL, 
+	attribute VARCHAR(255) NOT NULL, 
+	spec TEXT NOT NULL, 
+	since_run INTEGER, 
+	updated_at DATETIME NOT NULL, 
+	PRIMARY KEY (sync, attribute)
+);
+
 CREATE TABLE sync_plan (
 	run_id INTEGER NOT NULL, 
 	user_key VARCHAR(255) NOT NULL, 
@@ -85,6 +94,7 @@ CREATE TABLE sync_runs (
 	watermark_from VARCHAR(100), 
 	watermark_to VARCHAR(100), 
 	error TEXT, 
+	mapping_change TEXT, 
 	PRIMARY KEY (run_id)
 );
 

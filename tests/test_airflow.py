@@ -366,3 +366,31 @@ def test_finalize_fails_when_the_failure_threshold_is_crossed(airflow_home, sqli
     assert all(v == "success" for k, v in s.items() if k.startswith("push["))
     last = table(sqlite_url, state.runs)[-1]
     assert last["status"] == "partial" and last["users_rejected"] >= 2
+
+
+def test_a_changed_mapping_is_backfilled_through_the_mapped_shards(airflow_home, sqlite_url, tmp_path, monkeypatch,
+                                                                   dfinery_emu):
+    """The plan task plans the backfill (every user, past the cursor or not); the shards push only the
+    added attribute; finalize remembers the mapping; the DAG's docs name the mapping they were built from."""
+    from connector import mapping
+
+    rows = [user_row(i, updated_at=T0 + dt.timedelta(seconds=i)) for i in range(N)]
+    make_users(sqlite_url, rows)
+    conn_env(monkeypatch, dfinery_emu.url)
+    before = [m for m in DFINERY_MAPPING if m["attribute"] != "orders"]
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [conn_sync("unused", mapping=before)])
+    assert engine.run(config.load(cfg)[0], "dfinery_users").users_delivered == N
+    sent = len(dfinery_emu.emulator.log)
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [conn_sync("unused")])
+    dag = load_dags(cfg, monkeypatch)[0]["usersync__dfinery_users"]
+    assert f"Mapping `{mapping.digest(config.load(cfg)[0].syncs[0])}`" in dag.doc_md
+    dr = dag.test(logical_date=dt.datetime(2031, 1, 1, tzinfo=dt.timezone.utc))
+    assert dr.state == "success", states(dr)
+    assert sum(k.startswith("push[") for k in states(dr)) == 4
+    new = dfinery_emu.emulator.log[sent:]
+    assert sorted((r["body"]["identity"]["external_id"], r["body"]["user_properties"]) for r in new) == sorted(
+        (r["user_id"], {"orders": r["orders"]}) for r in rows)
+    assert dfinery_emu.emulator.state() == {r["user_id"]: dfinery_profile(r) for r in rows}
+    last = max(table(sqlite_url, state.runs), key=lambda r: r["run_id"])
+    assert json.loads(last["mapping_change"])["added"] == ["orders"]
+    assert {r["attribute"]: r["since_run"] for r in table(sqlite_url, state.mappings)}["orders"] == last["run_id"]

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from connector import config
+from connector import config, mapping
 from connector.airflow import tasks
 from connector.airflow.params import trigger_params
 
@@ -59,6 +59,8 @@ def doc_md(spec, path: Path) -> str:
     identity = ", ".join(f"`{col}` → {field}" for field, col in spec.identity_columns.items())
     creds = f"connection `{v.conn_id}` (type `usersync_{v.type}`)" if v.conn_id else "environment variables"
     g = spec.guard
+    unset = f" (unset at the vendor: {', '.join(f'`{a}`' for a in spec.unset_removed)})" if spec.unset_removed else \
+        " (the vendor keeps its values)"
     return f"""### usersync: `{spec.name}` → {v.type}
 
 Reads {source}{f", cursor `{spec.cursor}`" if spec.cursor else " (no cursor: every run reads every row)"};
@@ -67,6 +69,12 @@ identity {identity}. Credentials from {creds}; pushes share the pool `{pool_name
 | column | vendor attribute | type | rule | NULL |
 |---|---|---|---|---|
 {rows}
+
+Mapping `{mapping.digest(spec)}`. When it differs from the mapping last delivered, the next run is a mapping
+backfill: it reads every user once and sends only the added or changed attributes, to the users whose wire
+value changes; a removed attribute is no longer synced{unset}. When the delivered mapping last changed, and
+in which run, is logged by the `plan` task and kept in `sync_mappings` and `sync_runs.mapping_change` (these
+docs are built from the YAML alone, with no database at parse time).
 
 **Tasks**: `plan` (extract, map, diff, stage in the state database; takes the sync's lock) →
 `push` (one mapped task per shard of the staged plan, {spec.shards} shard(s)) → `finalize` (summary in

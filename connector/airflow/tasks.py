@@ -143,6 +143,7 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
              len(shards), f" - {error}" if error else "")
     return {"run_id": run, "shards": [{"run_id": run, "shard": s} for s in shards], "outcome": outcome,
             "error": error, "users_read": p.users_read, "users_changed": p.users_changed,
+            "mapping_change": p.mapping.describe() if p.mapping else None,
             "window": [w.isoformat() if w else None for w in window] if window else None}
 
 
