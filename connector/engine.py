@@ -168,7 +168,7 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
     """Extract, map, diff and stage; then apply the blast-radius guard."""
     since = state.get_watermark(sync.state, sync.spec.name) if mode == "incremental" and not window else None
     p = planning.build(sync, run_id, mode=mode, since=since, window=window, user_ids=user_ids,
-                       stage=not dry_run, progress=progress)
+                       stage=not dry_run, keep_plan=dry_run, progress=progress)
     p.guard = p.check_guard(sync.spec.guard)
     if p.guard and allow_large_change:
         log.warning("blast-radius guard overridden: %s", p.guard)

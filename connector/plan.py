@@ -66,8 +66,10 @@ class Plan:
 
 
 def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_ids=None,
-          stage: bool = True, progress=None) -> Plan:
-    """Read the source, diff it and (with ``stage``) write the plan and settle hashes."""
+          stage: bool = True, keep_plan: bool = False, progress=None) -> Plan:
+    """Read the source, diff it and (with ``stage``) write the plan and settle hashes.
+    ``keep_plan`` without ``stage`` (a dry run): write the plan rows only, to be read back
+    (the run's page shows them); the next run of the sync deletes them, as a dead run's."""
     spec = sync.spec
     plan = Plan(run_id)
     whole = (since is None or not spec.cursor) and window is None and not user_ids
@@ -93,7 +95,8 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
         if not scanned:
             plan.users_read += len(frame)
             _watermark(plan, spec, frame)
-        _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage)
+        _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage,
+                    keep_plan=keep_plan)
         crashpoint("extract_chunk")
         if stage:  # long plans keep the lock alive
             beat()
@@ -162,7 +165,7 @@ def _with_failures(sync, chunks, seen: KeySet, retry: bool):
 
 
 def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: KeySet, duplicates, failed,
-                *, mode: str, stage: bool) -> None:
+                *, mode: str, stage: bool, keep_plan: bool = False) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
     invalid: dict[str, str] = {}
@@ -222,6 +225,9 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     plan.users_settled += len(settled)
     plan.users_invalid += len(rejected)
     if not stage:
+        if keep_plan:  # nothing else moves: no snapshot row, no failure row
+            with sync.state.begin() as c:
+                state.stage(c, staged)
         return
     with sync.state.begin() as c:
         state.stage(c, staged)
