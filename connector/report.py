@@ -187,6 +187,8 @@ def trigger_kind(trigger: str) -> str:
 def _run(row) -> dict[str, Any]:
     run = dict(row)
     run["trigger_kind"] = trigger_kind(run["trigger"])
+    raw = run.get("watermark_to")  # stored typed ({"t": ..., "v": ...}); shown as the value
+    run["watermark_next"] = state.show_watermark(state.decode_watermark(raw)) if raw else None
     start, end = run.get("started_at"), run.get("finished_at")
     run["duration_s"] = round((_aware(end) - _aware(start)).total_seconds(), 1) if start and end else None
     return run
