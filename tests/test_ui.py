@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -249,9 +250,15 @@ def test_syncs_pages_in_airflow_ui(site, browser):
     seen.append(page.content())
     shot(page, "ui-plan.png", full=True)
 
-    # the tab on Airflow's DAG run page leads to the same run
+    # the "Sync run" tab of Airflow's page of that DAG run shows the same run
     dag_run_id = airflow_run["trigger"].removeprefix("airflow:")
-    page.goto(f"{site.url}/usersync/dags/usersync__{NAME}/runs/{dag_run_id}")
+    page.goto(f"{site.url}/dags/usersync__{NAME}/runs/{quote(dag_run_id, safe='')}")
+    page.get_by_role("link", name="Sync run").click()
+    frame = page.frame_locator("iframe")
+    frame.locator("#failures tr[data-user='u00003']").wait_for()
+    assert frame.locator("h1").inner_text().startswith(f"{NAME} · run #{airflow_run['run_id']}")
+    shot(page, "ui-dag-run-tab.png")
+    page.goto(f"{site.url}/usersync/dags/usersync__{NAME}/runs/{quote(dag_run_id, safe='')}")
     assert page.url.endswith(f"/usersync/syncs/{NAME}/runs/{airflow_run['run_id']}")
     seen.append(page.content())
     for path in (f"/usersync/api/syncs", f"/usersync/api/syncs/{NAME}/runs",
