@@ -89,23 +89,24 @@ def site(tmp_path_factory):
     env = {**os.environ, **airflow_env(home), "USERSYNC_CONFIG": str(cfg), "TEST_DFINERY_TOKEN": TOKEN,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": url,
-           "AIRFLOW__API_AUTH__JWT_SECRET": "ui-test-" + os.urandom(8).hex(),
+           "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(32).hex(),  # 64 bytes, as HS512 wants
            # the simple auth manager's roles; 'nobody' has none, so no permission at all
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,nobody:",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json")}
-    # a run through Airflow (scheduler's path: plan -> push per shard -> finalize), then a dry run from the CLI
-    dag_test = subprocess.run([sys.executable, str(HERE / "airflow_helpers.py"), f"usersync__{NAME}",
-                               "2026-01-02T00:00:00"], env=env, capture_output=True, text=True, timeout=300)
-    assert dag_test.returncode == 0, dag_test.stdout[-3000:] + dag_test.stderr[-3000:]
-    dry = subprocess.run([str(BIN / "usersync"), "run", NAME, "--dry-run", "--full-refresh", "--config", str(cfg)],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
+    # the api-server starts while the runs make the data (its pages read the tables per request)
     log = tmp / "api-server.log"
     with log.open("w") as out:
         server = subprocess.Popen([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--workers", "1"],
+                                   "--workers", "1", "--apps", "core"],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # a run through Airflow (scheduler's path: plan -> push per shard -> finalize), then a dry run from the CLI
+        dag_test = subprocess.run([sys.executable, str(HERE / "airflow_helpers.py"), f"usersync__{NAME}",
+                                   "2026-01-02T00:00:00"], env=env, capture_output=True, text=True, timeout=300)
+        assert dag_test.returncode == 0, dag_test.stdout[-3000:] + dag_test.stderr[-3000:]
+        dry = subprocess.run([str(BIN / "usersync"), "run", NAME, "--dry-run", "--full-refresh", "--config", str(cfg)],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert dry.returncode == 0, dry.stderr
         deadline = time.monotonic() + 180  # readiness, not a timing assertion
         while True:
             assert server.poll() is None, log.read_text()[-3000:]
@@ -154,15 +155,27 @@ def shot(page, name: str, full: bool = False) -> None:
         page.screenshot(path=str(Path(SHOTS) / name), full_page=full)
 
 
-def test_syncs_pages_in_airflow_ui(site, browser):
+def test_syncs_pages_in_airflow_ui(site, browser, tmp_path):
+    ctx = browser.new_context(viewport={"width": 1360, "height": 820}, accept_downloads=True)
+    ctx.set_default_timeout(90_000)  # a loaded machine: waits are bounded readiness, not timing checks
+    page = ctx.new_page()
+    try:
+        browse(site, ctx, page)
+    except BaseException:
+        page.screenshot(path=str(tmp_path / "failure.png"))  # what the browser showed, for the report
+        print(f"failure screenshot: {tmp_path / 'failure.png'}; api-server log: {site.log}")
+        raise
+    finally:
+        ctx.close()
+
+
+def browse(site: Site, ctx, page) -> None:
     airflow_run, dry_run = runs_of(site)
     assert (airflow_run["status"], airflow_run["trigger"][:16], dry_run["mode"]) == ("partial", "airflow:manual__", "dry_run")
     fails = {f["user_key"]: f for f in failures_of(site, airflow_run["run_id"])}
     assert {k: f["error_class"] for k, f in fails.items()} == {
         "u00003": "rejected", "=1+2": "rejected", "u00008": "rejected", "u00007": "invalid"}
 
-    ctx = browser.new_context(viewport={"width": 1360, "height": 820}, accept_downloads=True)
-    page = ctx.new_page()
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     seen: list[str] = []  # every page, CSV and API answer a user got: none holds a secret
@@ -273,7 +286,6 @@ def test_syncs_pages_in_airflow_ui(site, browser):
     haystack = "\n".join(seen)
     for secret in (TOKEN, *cookies, *PASSWORDS.values(), "usersig="):
         assert secret not in haystack
-    ctx.close()
 
 
 def test_anonymous_and_unauthorized_requests_are_refused(site):
