@@ -12,6 +12,7 @@ help:
 	@echo "make bench      run the benchmarks, write bench/results.md and bench/results.json"
 	@echo "make emulators  serve the vendor emulators for demo/syncs.yaml in the foreground"
 	@echo "make ddl        regenerate sql/sync_tables.*.sql from the table definitions"
+	@echo "make screenshots  rewrite docs/ui-*.png from the browser tests of Airflow's Syncs page"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ airflow: $(STAMP)
 
 ddl: $(STAMP)
 	for d in sqlite postgresql mysql; do $(BIN)/usersync ddl $$d > sql/sync_tables.$$d.sql; done
+
+.PHONY: screenshots
+screenshots: $(STAMP)
+	USERSYNC_UI_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache

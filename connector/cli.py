@@ -215,47 +215,38 @@ def cmd_plan(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from connector import report
+
     cfg, _ = config.load(args.config)
     eng = state.make_engine(cfg.state_url)
     engine.check_state(cfg, eng)  # before creating anything: a dropped table must not come back empty
     engine.upgrade_state(cfg, eng)
-    r, b = state.runs, state.batches
-    q = sa.select(r).order_by(r.c.run_id.desc()).limit(args.runs)
-    if args.sync:
-        q = q.where(r.c.sync == args.sync)
-    with eng.connect() as c:
-        rows = c.execute(q).mappings().all()
-        if not rows:
-            print("no runs recorded yet")
-            return 0
-        print(f"{'run':>5} {'sync':<22} {'mode':<11} {'status':<9} {'started (UTC)':<19} "
-              f"{'read':>8} {'changed':>8} {'deliv.':>8} {'reject.':>8} {'failed':>7} {'reqs':>7}")
-        for run in rows:
-            print(f"{run['run_id']:>5} {run['sync'][:22]:<22} {run['mode']:<11} {run['status']:<9} "
-                  f"{run['started_at']:%Y-%m-%d %H:%M:%S} {run['users_read']:>8} {run['users_changed']:>8} "
-                  f"{run['users_delivered']:>8} {run['users_rejected']:>8} {run['users_failed']:>7} {run['requests']:>7}")
-            outcomes = c.execute(sa.select(b.c.outcome, sa.func.count(), sa.func.sum(b.c.attempts))
-                                 .where(b.c.run_id == run["run_id"]).group_by(b.c.outcome)).all()
-            if outcomes:
-                print("      batches: " + ", ".join(f"{o} {n} ({a} attempts)" for o, n, a in outcomes))
-            if run["mapping_change"]:
-                change = json.loads(run["mapping_change"])
-                print("      mapping backfill: " + "; ".join(
-                    f"{k} {', '.join(change[k])}" for k in ("added", "changed", "removed") if change[k]))
-            if run["error"]:
-                print(f"      error: {run['error'][:300]}")
-        f = state.failures
-        q = sa.select(f.c.sync, f.c.user_key, f.c.attribute, f.c.error_class, f.c.code, f.c.message).order_by(
-            f.c.last_seen.desc()).limit(5)
-        if args.sync:
-            q = q.where(f.c.sync == args.sync)
-        fails = c.execute(q).all()
-        if fails:  # open until delivered; a set-aside value until its source value changes
-            print("recent failures (retried next run; a value set aside, once it changes):")
-            for s, k, attr, cls, code, msg in fails:
-                print(f"  {s} {k}{f' [{attr}]' if attr else ''}: {cls} {code or ''} {msg[:120]}")
+    rows = report.recent_runs(eng, args.sync, limit=args.runs)
+    if not rows:
+        print("no runs recorded yet")
+        return 0
+    print(f"{'run':>5} {'sync':<22} {'mode':<11} {'status':<9} {'started (UTC)':<19} "
+          f"{'read':>8} {'changed':>8} {'deliv.':>8} {'reject.':>8} {'failed':>7} {'reqs':>7}")
+    for run in rows:
+        print(f"{run['run_id']:>5} {run['sync'][:22]:<22} {run['mode']:<11} {run['status']:<9} "
+              f"{run['started_at']:%Y-%m-%d %H:%M:%S} {run['users_read']:>8} {run['users_changed']:>8} "
+              f"{run['users_delivered']:>8} {run['users_rejected']:>8} {run['users_failed']:>7} {run['requests']:>7}")
+        outcomes = report.batch_outcomes(eng, run["run_id"])
+        if outcomes:
+            print("      batches: " + ", ".join(f"{o} {n} ({a} attempts)" for o, n, a in outcomes))
+        if run["mapping_change"]:
+            change = json.loads(run["mapping_change"])
+            print("      mapping backfill: " + "; ".join(
+                f"{k} {', '.join(change[k])}" for k in ("added", "changed", "removed") if change[k]))
+        if run["error"]:
+            print(f"      error: {run['error'][:300]}")
+    fails = report.recent_failures(eng, args.sync, limit=5)
+    if fails:  # open until delivered; a set-aside value until its source value changes
+        print("recent failures (retried next run; a value set aside, once it changes):")
+        for f in fails:
+            attr = f" [{f['attribute']}]" if f["attribute"] else ""
+            print(f"  {f['sync']} {f['user_key']}{attr}: {f['error_class']} {f['code'] or ''} {f['message'][:120]}")
     return 0
-
 
 def _state_engine(args) -> tuple[config.Config, sa.Engine]:
     cfg, _ = config.load(args.config)

@@ -194,7 +194,7 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
     since = (state.get_watermark(sync.state, sync.spec.name)
              if mode == "incremental" and not window and not backfill else None)
     p = planning.build(sync, run_id, mode=mode, since=since, window=window, user_ids=user_ids,
-                       stage=not dry_run, progress=progress, mapping=change)
+                       stage=not dry_run, keep_plan=dry_run, progress=progress, mapping=change)
     p.guard = p.check_guard(sync.spec.guard)
     if p.guard and allow_large_change:
         log.warning("blast-radius guard overridden: %s", p.guard)
@@ -253,7 +253,7 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
         by_class = dict(c.execute(sa.select(f.c.error_class, sa.func.count()).where(
             f.c.sync == sync.spec.name, f.c.run_id == run_id, f.c.error_class.in_(["rejected", "retryable", "in_doubt"]))
             .group_by(f.c.error_class)).all())
-    pending = counts.get("pending", 0)
+    pending = 0 if status == "dry_run" else counts.get("pending", 0)  # a dry run's plan stays, unsent
     s = Summary(run_id, sync.spec.name, sync.spec.vendor.type, "running", run["users_read"], run["users_changed"],
                 counts.get("delivered", 0), run["users_rejected"] + by_class.get("rejected", 0),
                 by_class.get("retryable", 0) + by_class.get("in_doubt", 0) + pending,

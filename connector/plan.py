@@ -79,9 +79,12 @@ class Plan:
 
 
 def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_ids=None,
-          stage: bool = True, progress=None, mapping: mappings.MappingChange | None = None) -> Plan:
+          stage: bool = True, keep_plan: bool = False, progress=None,
+          mapping: mappings.MappingChange | None = None) -> Plan:
     """Read the source, diff it and (with ``stage``) write the plan and settle hashes;
-    ``mapping``: how the mapping changed since it was last delivered."""
+    ``mapping``: how the mapping changed since it was last delivered. ``keep_plan`` without
+    ``stage`` (a dry run): write the plan rows only, to be read back (the run's page shows
+    them); the next run of the sync deletes them, as a dead run's."""
     spec = sync.spec
     plan = Plan(run_id, mapping=mapping)
     whole = (since is None or not spec.cursor) and window is None and not user_ids
@@ -108,7 +111,8 @@ def build(sync, run_id: int, *, mode: str, since: Any = None, window=None, user_
         if not scanned:
             plan.users_read += len(frame)
             _watermark(plan, spec, frame)
-        _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage)
+        _plan_chunk(sync, plan, frame, hashes, admitted, duplicates, failed, mode=mode, stage=stage,
+                    keep_plan=keep_plan)
         crashpoint("extract_chunk")  # (each chunk's staging commit renewed the lock: fenced)
         if progress:
             progress.update(rows=0 if scanned else len(frame), planned=plan.users_changed)
@@ -180,7 +184,7 @@ def _with_failures(sync, chunks, seen: KeySet, retry: bool):
 
 
 def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: KeySet, duplicates, failed,
-                *, mode: str, stage: bool) -> None:
+                *, mode: str, stage: bool, keep_plan: bool = False) -> None:
     spec = sync.spec
     id_cols = spec.identity_columns
     frame, digests = _admit(plan, frame, seen, duplicates, list(id_cols.values()))
@@ -255,10 +259,12 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
                        dumps(source_identity), dumps(ops), dumps(payload),  # an Op is written as its value
                        int(h), "pending"))
     plan.users_settled += len(settled)
-    with contextlib.ExitStack() as tx:  # staged only while this run holds the lock (fenced)
-        c = tx.enter_context(state.fenced(sync.state, spec.name, plan.run_id)) if stage else None
-        rejected, cleared = _set_aside(sync, plan, c, frame, row_hash, whole, aside, failed)
+    with contextlib.ExitStack() as tx:  # written only while this run holds the lock (fenced)
+        c = tx.enter_context(state.fenced(sync.state, spec.name, plan.run_id)) if stage or keep_plan else None
+        rejected, cleared = _set_aside(sync, plan, c if stage else None, frame, row_hash, whole, aside, failed)
         if not stage:
+            if keep_plan:  # a dry run's plan rows; nothing else moves: no snapshot row, no failure row
+                state.stage(c, staged)
             return
         state.stage(c, staged)
         state.upsert_snapshot(c, spec.name, plan.run_id, settled)

@@ -29,6 +29,27 @@ def credentials_seen(emu) -> set[str]:
     return {s for s in seen if s}
 
 
+def syncs_pages(name: str) -> list[str]:
+    """Everything Airflow's Syncs page serves about a sync: each page, JSON answer and CSV
+    (rendered as the routes render them; who may see them is tests/test_ui.py's part)."""
+    import json
+
+    from connector import report
+    from connector.airflow import ui
+
+    sync = ui.CATALOG.syncs()[name]
+    eng = ui.CATALOG.engine(sync)
+    listing, runs = ui.syncs_context(None, [sync]), ui.sync_context(sync, 1)
+    out = [ui.render("syncs.html", base="", query={}, **listing), json.dumps(ui.jsonable(listing["rows"])),
+           ui.render("sync.html", base="", query={}, **runs), json.dumps(ui.jsonable(runs["runs"]))]
+    assert len(runs["runs"]) >= 3
+    for run in runs["runs"]:
+        ctx = ui.run_context(sync, run["run_id"])
+        out += [ui.render("run.html", base="", query={}, **ctx), json.dumps(ui.jsonable(ctx)),
+                ui.failures_csv(report.failures(eng, name, run["run_id"], limit=None))]
+    return out
+
+
 def outcome(case, **kw) -> str:
     """A run's summary line, or the exception it raised, as a user would read them."""
     try:
@@ -64,6 +85,8 @@ def test_credentials_never_leak(vendor, tmp_path, monkeypatch, caplog):
         status = cli("status", "--config", str(case.cfg_path))
         said += [status.stdout, status.stderr]
         assert "failed" in status.stdout
+        monkeypatch.setenv("USERSYNC_CONFIG", str(case.cfg_path))
+        said += syncs_pages(case.name)
     finally:
         case.running.stop()
     secrets = set(h.VENDORS[vendor]["credentials"].values()) | {secret + "-wrong"} | credentials_seen(case.emu)

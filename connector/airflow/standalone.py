@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                        env=env, check=True, stdout=subprocess.DEVNULL)
     emulators = subprocess.Popen([str(BIN / "usersync"), "emulators", "--config", str(cfg)], env=env)
     print(f"\n  usersync on Airflow: {url}   login: admin / {login}\n"
+          f"  Syncs (what each run did): {url}/usersync/  (also under 'Syncs' in Airflow's menu)\n"
           f"  DAGs: usersync__<sync> from {cfg}; emulators for the demo vendors are running.\n", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     standalone = subprocess.Popen([airflow, "standalone"], env=env, start_new_session=True)

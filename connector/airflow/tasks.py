@@ -179,11 +179,13 @@ def finalize(config_path: str, name: str, planned: dict[str, Any] | None) -> dic
     if not planned or planned.get("run_id") is None:
         raise _fail("the plan task did not finish (see its log): nothing was pushed")
     sync = open_sync(config_path, name)
+    from connector.airflow.links import run_url
+
     try:
         s = engine.finalize(sync, planned["run_id"], status=planned.get("outcome"), error=planned.get("error"))
     except state.LeaseLost as e:
         raise _fail(f"not finalized: {e}; the run holding the lock settled this one") from None
-    log.info("%s", s.line())
+    log.info("%s; details: %s", s.line(), run_url(name, s.run_id))
     if not s.ok:
         raise _fail(s.line())
     return s.as_json()
