@@ -105,21 +105,21 @@ def stall_round(world: World, mid_push: bool, rng: random.Random) -> Counter:
         for _ in range(40):
             begun = time.time()
             b = world.start(tag=taker)
-            if mid_push:
-                while world.vendor.sent(taker, begun) < 1 and b.poll() is None:
-                    time.sleep(0.005)
-            else:
-                b.wait(timeout=300)
-            if b.poll() is None or b.returncode != 3:
+            while mid_push and world.vendor.sent(taker, begun) < 1 and b.poll() is None:
+                time.sleep(0.005)
+            if mid_push and b.poll() is None:
                 break
-            b.communicate()
+            b.communicate(timeout=300)  # done (after-mode), or refused: A's lock looked alive still
+            if b.returncode != 3:
+                break
             time.sleep(LOCK_TIMEOUT / 2)
         holder_pushing = b.poll() is None
         resumed = time.time()
     finally:
         a.send_signal(signal.SIGCONT)
     a.communicate(timeout=300)
-    b.communicate(timeout=300)
+    if b.returncode is None:
+        b.communicate(timeout=300)
     after = world.vendor.sent(stalled, resumed)
     world.complete()
     return world.check() + Counter(stalls=1, sent_after_resume=after, stalled_runs_that_sent=after > 0,
