@@ -159,7 +159,8 @@ def first_start_round(kind: str, workdir: Path, users: int = 12) -> Counter:
             for w, p in zip(worlds, procs):
                 _, err = p.communicate(timeout=300)
                 if p.returncode != 0:
-                    said = [line for line in err.splitlines() if "Error" in line or "error" in line] or [""]
+                    said = [line for line in err.splitlines()
+                            if "Error" in line and not line.lstrip().startswith("(Background")] or [""]
                     crashes.append(f"{w.name}: exit {p.returncode}: {said[-1].strip()[:300]}")
             out += Counter(first_starts=len(procs), crashed=len(crashes))
             for w in worlds:
