@@ -3,9 +3,13 @@
 Sizes (full / --quick / --tiny): the plan runs on 1M / 100k / 2k users with 1% changed;
 the commit compares 1M with 100k users (10% of those sizes in the other modes) with the
 same changed users (1 in 10 of the small table's ids; the big table's commit of 1 in 100
-of its users is measured too, as ``commit_big_spread``); the scale run plans 10M / 1M / 5k users on PostgreSQL;
-each vendor's push lasts about 70 s / 10 s / a few seconds. The bare read, the full plan and
-the incremental plan run three rounds (one with --tiny) and count by their median round.
+of its users is measured too, as ``commit_big_spread``); the scale run plans 10M / 1M / 5k users on PostgreSQL.
+The push runs for every vendor (MoEngage in both APIs) at each added latency (50, 200, 500 ms
+and a long tail; --tiny: 50 ms only), about 12 s / 5 s / a hundred users each; for a vendor
+whose window is a minute, the long-tail run lasts 70 s / 10 s, past one window, so its peak
+window is measured. The bare read, the full plan and the incremental plan run three rounds
+(one with --tiny) and count by their median round. ``--push-only`` runs the push phase alone and
+keeps the other figures of the results already in ``--out`` (each part says when it ran).
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench import report, warehouse
-from bench.push import LIMITS
+from bench import push, report, warehouse
 
 HERE = Path(__file__).resolve().parent
-SIZES = {  # users, small users, scale users, push scale, rounds of the plan phases
-    "full": (1_000_000, 100_000, 10_000_000, 1.0, 3),
-    "quick": (100_000, 10_000, 1_000_000, 0.15, 3),
-    "tiny": (2_000, 200, 5_000, 0.0, 1),
+SIZES = {  # users, small users, scale users, push seconds (short, a minute's window), rounds of the plan phases
+    "full": (1_000_000, 100_000, 10_000_000, (12, 70), 3),
+    "quick": (100_000, 10_000, 1_000_000, (5, 10), 3),
+    "tiny": (2_000, 200, 5_000, (0, 0), 1),
 }
+LONG = "lognormal"  # the latency at which a vendor with a minute's window runs past one window
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 SYNC = "bench_users"
 PROFILE: Path | None = None
@@ -46,36 +50,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE, help="where results.{json,md,png} go (default: bench/)")
     ap.add_argument("--postgres", default=os.environ.get("USERSYNC_BENCH_POSTGRES_URL", PG_URL),
                     help="a PostgreSQL server URL ('' to skip PostgreSQL)")
-    ap.add_argument("--vendors", default=",".join(LIMITS), help="vendors whose push to measure")
+    ap.add_argument("--vendors", default=",".join(push.VENDORS), help="vendors whose push to measure")
+    ap.add_argument("--latencies", default=",".join(push.LATENCIES), help="added latencies of the push")
+    ap.add_argument("--push-only", action="store_true", help="only the push; keep the other results in --out")
     ap.add_argument("--profile", type=Path, help="write a pyinstrument report of each plan phase here")
     ap.add_argument("--readme", action="store_true", help="also rewrite the figures in README.md's PERFORMANCE")
     args = ap.parse_args(argv)
     global PROFILE
     PROFILE = args.profile
     mode = args.mode or "full"
-    users, small, scale, push_scale, rounds = SIZES[mode]
+    users, small, scale, (short, long), rounds = SIZES[mode]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="usersync-bench-"))
     started, load = time.time(), os.getloadavg()
     raw: dict = {"mode": mode, "users": users, "small_users": small, "scale_users": scale, "databases": {}}
-
-    servers = {"sqlite": None}
-    if args.postgres and _reachable(args.postgres):
-        servers["postgresql"] = args.postgres
-    for db, server in servers.items():
-        raw["databases"][db] = database(db, server, work, users, small, rounds)
-    if "postgresql" in servers:
-        raw["scale"] = scaled(args.postgres, work, small, scale)
-    raw["push"] = {v: _child("bench.push", v, str(work), str(push_scale)) for v in args.vendors.split(",") if v}
-    raw["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load,
-                      "load_after": os.getloadavg(), "minutes": round((time.time() - started) / 60, 1),
-                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if args.push_only:
+        raw = json.loads((args.out / "results.json").read_text())["raw"]
+    else:
+        servers = {"sqlite": None}
+        if args.postgres and _reachable(args.postgres):
+            servers["postgresql"] = args.postgres
+        for db, server in servers.items():
+            raw["databases"][db] = database(db, server, work, users, small, rounds)
+        if "postgresql" in servers:
+            raw["scale"] = scaled(args.postgres, work, small, scale)
+    latencies = [x for x in args.latencies.split(",") if x] if mode != "tiny" else ["50ms"]
+    vendors = [v for v in args.vendors.split(",") if v]
+    pushed, push_started, push_load = {v: {} for v in vendors}, time.time(), os.getloadavg()
+    for latency in latencies:  # vendors interleaved with latencies: a change of load spreads over all
+        for vendor in vendors:
+            seconds = long if latency == LONG and push.limit(vendor).window >= 60 else short
+            pushed[vendor][latency] = _child("bench.push", vendor, str(work), str(seconds), latency)
+            print(f"  push {vendor:<15} {latency:<10} {json.dumps(pushed[vendor][latency])}", flush=True)
+    raw["push"] = pushed
+    raw["push_machine"] = {**_machine(push_started, push_load), "mode": mode}
+    if not args.push_only:
+        raw["machine"] = _machine(started, load)
     results = report.summarize(raw)
     report.write(results, args.out)
     if args.readme:
         report.readme(results, HERE.parent / "README.md")
     print(report.table(results))
     return 0
+
+
+def _machine(started: float, load) -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load,
+            "load_after": os.getloadavg(), "minutes": round((time.time() - started) / 60, 1),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def database(db: str, server: str | None, work: Path, users: int, small: int, rounds: int = 1) -> dict:

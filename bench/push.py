@@ -1,16 +1,21 @@
-"""Push at each vendor's declared limit: the demo warehouse, the demo syncs, an emulator 50 ms away.
+"""Push at each vendor's declared limit: the demo warehouse, the demo syncs, an emulator far away.
 
-The sustained rate is requests as they arrived at the emulator on the sync's data path (or
-users from ``sync_batches`` for MoEngage bulk, whose limit counts users), against the limit
-in that unit. It is measured from the push's second request on: the lookups before the
-push (Tencent's registered names) and the first request, which goes alone by design until it
-is answered, are the run's start, not its sustained rate. Throttling is counted by the emulator.
+The emulator adds a latency to every answer: a fixed 50, 200 or 500 ms, or a long tail
+(lognormal, median 150 ms, p99 about 1 s). The sustained rate is what arrived at the emulator
+on the sync's data path, in the limit's unit (requests; users for MoEngage, whose limit counts
+users), against the limit. It is measured from the push's second request on: the lookups
+before the push (Tencent's registered names) and the first request, which goes alone by design
+until it is answered, are the run's start, not its sustained rate. The peak window is the most
+that arrived in any window of the vendor's length (sliding), over its limit; throttling is
+counted by the emulator.
+
+``python -m bench.push VENDOR DIR SECONDS [LATENCY]`` runs one push of about SECONDS at the
+limit (0: a hundred users) and prints its figures as JSON.
 """
 
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import json
 import os
 import subprocess
@@ -18,67 +23,70 @@ import sys
 import time
 from pathlib import Path
 
-import sqlalchemy as sa
+from connector import config, demo, demo_run, engine, vendors
 
-from connector import config, demo, demo_run, engine, state
-from connector.vendors import dfinery, engagelab, jiguang, moengage, tencent_im
-
-LATENCY = 0.05
-# vendor -> (declared limit a second, its unit, users for a full run: about 70 s, past a 60 s window)
-LIMITS = {
-    "dfinery": (dfinery.RATE_PER_MINUTE / 60, "requests", 12_000),
-    "jiguang": (jiguang.QPS, "requests", 4_000),
-    "tencent_im": (tencent_im.RATE_PER_SECOND, "requests", 150_000),
-    "moengage": (moengage.BULK_USERS_PER_MINUTE / 60, "users", 72_000),
-    "engagelab": (engagelab.RATE_LIMIT, "requests", 1_500),
+# added latency: name -> (median seconds, lognormal shape; 0 is a fixed latency).
+# p99 = median x exp(2.326 x shape): 0.15 x exp(2.326 x 0.816) = 1.0 s.
+LATENCIES = {"50ms": (0.05, 0.0), "200ms": (0.2, 0.0), "500ms": (0.5, 0.0), "lognormal": (0.15, 0.816)}
+# bench name -> (vendor type, the demo sync's API setting if not its own, demo users a second at the
+# limit: one a request but Tencent's 100; EngageLab's demo users take ~4.5 requests each)
+VENDORS = {
+    "dfinery": ("dfinery", None, 162),
+    "jiguang": ("jiguang", None, 97),
+    "tencent_im": ("tencent_im", None, 9_700),
+    "moengage_bulk": ("moengage", None, 162),
+    "moengage_track": ("moengage", "track", 162),
+    "engagelab": ("engagelab", None, 21),
 }
 
 
-def measure(vendor: str, workdir: Path, scale: float) -> dict:
-    limit, unit, users = LIMITS[vendor]
-    users = max(int(users * scale), 100)
+def limit(vendor: str):
+    kind, api, _ = VENDORS[vendor]
+    return vendors.get(kind).limit_for({"api": api or "bulk"})
+
+
+def measure(vendor: str, workdir: Path, seconds: float, latency: str = "50ms") -> dict:
+    kind, api, per_second = VENDORS[vendor]
+    lim = limit(vendor)
+    users = max(int(per_second * seconds), 100)
     directory = workdir / f"push_{vendor}"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "warehouse.db").unlink(missing_ok=True)
     path = demo_run.write_config(directory)
+    if api:
+        path.write_text(path.read_text().replace("api: bulk}", f"api: {api}}}"))
     demo.build_warehouse(f"sqlite:///{directory / 'warehouse.db'}", users=users)
-    server = subprocess.Popen([sys.executable, "-m", "bench.serve", vendor, str(LATENCY), str(path)],
+    median, sigma = LATENCIES[latency]
+    server = subprocess.Popen([sys.executable, "-m", "bench.serve", kind, str(median), str(path), str(sigma)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        os.environ[f"{vendor.upper()}_BASE_URL"] = server.stdout.readline().strip()
+        os.environ[f"{kind.upper()}_BASE_URL"] = server.stdout.readline().strip()
         cfg, _ = config.load(path)
-        name = f"{vendor}_users"
-        sync = engine.open_sync(cfg, name)
+        sync = engine.open_sync(cfg, f"{kind}_users")
         run_id = engine.begin(sync, mode="incremental", trigger="bench")
         engine.plan(sync, run_id)
         t0 = time.perf_counter()
         result = engine.push(sync, run_id)
-        seconds = time.perf_counter() - t0
+        took = time.perf_counter() - t0
         summary = engine.finalize(sync, run_id)
     finally:
         server.stdin.close()
         emulated = json.loads(server.stdout.readline() or "{}")
         server.wait(30)
-    b = state.batches
-    with state.make_engine(cfg.state_url).connect() as c:
-        rows = c.execute(sa.select(b.c.sent_at, b.c.users, b.c.attempts).where(b.c.run_id == run_id)
-                         .order_by(b.c.sent_at)).all()
-    if unit == "users":  # users a second, from the batches (one request each)
-        rate = _steady([_utc(r.sent_at).timestamp() for r in rows], [r.users for r in rows])
-    else:  # requests a second, as they arrived at the vendor on its busiest path (the data)
-        paths = collections.Counter(path for path, _ in emulated["arrivals"])
-        data = sorted(at for path, at in emulated["arrivals"] if path == paths.most_common(1)[0][0])
-        rate = _steady(data, [1] * len(data))
-    out = {"users": users, "delivered": summary.users_delivered, "requests": result.requests,
-           "seconds": round(seconds, 2), "rate": round(rate, 2), "unit": f"{unit}/s", "limit": limit,
-           "fraction_of_limit": round(rate / limit, 4), "throttled": emulated.get("throttled"),
-           "retried_batches": sum(1 for r in rows if r.attempts > 1), "status": summary.status}
-    if vendor == "tencent_im":
-        out["batch_fill"] = round(sum(r.users for r in rows) / (len(rows) * tencent_im.MAX_USERS), 4)
-    return out
+    # the vendor's busiest path is the data; what each arrival counts: 1, or its users
+    paths = collections.Counter(path for path, _, _ in emulated["arrivals"])
+    data = sorted((at, cost) for path, at, cost in emulated["arrivals"] if path == paths.most_common(1)[0][0])
+    rate = _steady([at for at, _ in data], [cost for _, cost in data])
+    return {"users": users, "latency": latency, "delivered": summary.users_delivered, "requests": result.requests,
+            "seconds": round(took, 2), "rate": round(rate, 2), "unit": f"{lim.unit}/s", "limit": lim.per_second,
+            "fraction_of_limit": round(rate / lim.per_second, 4), "window": lim.window,
+            "peak_window": round(peak(data, lim.window) / lim.count, 4), "throttled": emulated.get("throttled"),
+            "status": summary.status,
+            **({"batch_fill": round(summary.users_delivered / (result.requests * 100), 4)}
+               if vendor == "tencent_im" and result.requests else {})}
 
 
-def _steady(times: list[float], amounts: list[int]) -> float:
+def _steady(times: list[float], amounts: list[float]) -> float:
     """What arrived after the second request, over the time since it (from the second: the
     first goes alone, and the burst starts when it is answered); 0 with fewer than three
     requests (a tiny run: nothing sustained to measure)."""
@@ -87,9 +95,18 @@ def _steady(times: list[float], amounts: list[int]) -> float:
     return sum(amounts[2:]) / max(times[-1] - times[1], 1e-9)
 
 
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+def peak(arrivals: list[tuple[float, float]], window: float) -> float:
+    """The most that arrived in any sliding window of ``window`` seconds (``arrivals`` sorted)."""
+    best = held = 0.0
+    first = 0
+    for at, cost in arrivals:
+        held += cost
+        while arrivals[first][0] <= at - window:
+            held -= arrivals[first][1]
+            first += 1
+        best = max(best, held)
+    return best
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]))))
+    print(json.dumps(measure(sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:5])))

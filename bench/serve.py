@@ -7,9 +7,10 @@ pauses of up to 0.13 s in a 15 s run: the client saw a p99 answer time of 134-15
 (63 ms with the collector off) for the 50 ms the benchmark adds, and its senders sat
 waiting. The emulator's own pauses are not what this measures; the process lives one run.
 
-``python -m bench.serve VENDOR LATENCY CONFIG`` prints the emulator's URL, serves until its
-standard input closes, then prints a JSON line: requests received (each request's path and
-arrival time) and throttled answers.
+``python -m bench.serve VENDOR LATENCY CONFIG [SIGMA]`` prints the emulator's URL, serves until
+its standard input closes, then prints a JSON line: requests received (each request's path,
+arrival time and what it counts against the limit) and throttled answers. LATENCY is added
+to every answer; with SIGMA, it is the median of a lognormal latency of that shape.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import sys
 from connector import config, emulator, vendors
 
 
-def main(vendor: str, latency: float, path: str) -> None:
+def main(vendor: str, latency: float, path: str, sigma: float = 0.0) -> None:
     gc.disable()
     cfg, _ = config.load(path)
     emu = vendors.module(vendor).emulator([s for s in cfg.syncs if s.vendor.type == vendor])
-    emu.latency = latency
+    emu.latency, emu.latency_sigma = latency, sigma
     throttled = 0
     answer = emu.throttled
 
@@ -39,8 +40,8 @@ def main(vendor: str, latency: float, path: str) -> None:
         print(running.url, flush=True)
         sys.stdin.read()
     print(json.dumps({"requests": len(emu.log), "throttled": throttled,
-                      "arrivals": [(r["path"], r["at"]) for r in emu.log]}), flush=True)
+                      "arrivals": [(r["path"], r["at"], r["cost"]) for r in emu.log]}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3], *map(float, sys.argv[4:5]))

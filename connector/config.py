@@ -63,8 +63,11 @@ class VendorConfig(_Model):
     conn_id: str | None = None  # Airflow connection id; else credentials below
     credentials: dict[str, str] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
-    rate_limit: float | None = Field(None, gt=0, description="requests per second")
-    concurrency: int | None = Field(None, ge=1, le=256)
+    rate_limit: float | None = Field(None, gt=0, description=(
+        "the vendor's limit for this account, per second, in the vendor's unit (requests; users for MoEngage), "
+        "over the vendor's window; default: the documented limit"))
+    concurrency: int | None = Field(None, ge=1, le=256, description=(
+        "most requests in flight at once; default: as many as the answer times need, up to 128"))
     timeout: tuple[float, float] = (5.0, 30.0)
     max_attempts: int = Field(5, ge=1, le=20)
     backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each attempt")

@@ -1,7 +1,10 @@
 """Vendor emulators: real HTTP servers on loopback that behave as the vendors' docs say.
 
 This module is the shared machinery — serving, a request log, a rate-limit window and
-fault injection. Each vendor module defines an ``Emulator`` subclass with the vendor's
+fault injection. The window is the vendor's declared :class:`~connector.vendors.base.Limit`,
+held as a sliding window (the strictest reading: a client that never overfills a sliding
+window never overfills a fixed one), counted when a request arrives, as a vendor's gateway
+counts it; the added ``latency`` then delays the answer. Each vendor module defines an ``Emulator`` subclass with the vendor's
 own rules: routes, auth, body checks, error codes and what it stores.
 
 Admin endpoints (for tests and for a person poking at ``usersync emulators``):
@@ -17,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import random
 import socket
 import threading
 import time
@@ -24,6 +29,8 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from connector.vendors.base import Limit
 
 log = logging.getLogger("usersync.emulator")
 
@@ -57,20 +64,24 @@ class Emulator:
 
     name = "emulator"
     routes: dict[tuple[str, str], str] = {}
-    rate_limit: float | None = None  # requests per ``rate_window`` seconds
-    rate_window: float = 1.0
-    latency: float = 0.0  # seconds added to every answer (a real vendor is not on loopback)
+    limit: Limit | None = None  # the vendor's declared limit: its window and unit
+    rate_limit: float | None = None  # what one window holds (default: limit.count; None: no limit)
+    latency: float = 0.0  # seconds added to every answer (a real vendor is not on loopback): the median
+    latency_sigma: float = 0.0  # > 0: each answer's latency is lognormal around that median, this shape
 
     def __init__(self, **settings: Any):
         self.lock = threading.RLock()
         self.settings = settings
         self.faults: deque[Fault] = deque()
         self.log: list[dict[str, Any]] = []
-        self._window_start = time.monotonic()
-        self._window_count = 0
-        if "rate_limit" in settings:
-            self.rate_limit = settings["rate_limit"]
+        self._window: deque[tuple[float, float]] = deque()  # (arrival, cost) in the last window
+        self._used = 0.0
+        self.rate_limit = settings.get("rate_limit", self.limit.count if self.limit else None)
         self.reset()
+
+    @property
+    def rate_window(self) -> float:
+        return self.limit.window if self.limit else 1.0
 
     # -- vendor hooks --------------------------------------------------------------
     def reset(self) -> None:
@@ -78,6 +89,8 @@ class Emulator:
         with self.lock:
             self.log.clear()
             self.faults.clear()
+            self._window.clear()
+            self._used = 0.0
 
     def state(self) -> Any:
         """What the vendor holds, as JSON-able data."""
@@ -92,6 +105,10 @@ class Emulator:
 
     def rate_headers(self, remaining: int, reset: float) -> dict[str, str]:
         return {}
+
+    def cost(self, req: Req) -> float:
+        """What this request counts against the window (the users it carries, for a limit in users)."""
+        return 1
 
     # -- machinery -----------------------------------------------------------------
     def add_fault(self, kind: str, **kw: Any) -> None:
@@ -108,30 +125,54 @@ class Emulator:
                     return f
         return None
 
-    def _rate(self) -> tuple[bool, int, float]:
-        """(allowed, remaining, seconds to window reset) for one more request."""
+    def _rate(self, cost: float = 1, now: float | None = None) -> tuple[bool, int, float]:
+        """(allowed, remaining, seconds until the window has room again) for a request of this
+        cost arriving ``now``: allowed when the last ``rate_window`` seconds hold at most
+        ``rate_limit`` with it. A refused request is not counted."""
         if not self.rate_limit:
             return True, 1 << 30, 0.0
         with self.lock:
-            now = time.monotonic()
-            if now - self._window_start >= self.rate_window:
-                self._window_start, self._window_count = now, 0
-            reset = self.rate_window - (now - self._window_start)
-            if self._window_count >= self.rate_limit:
+            now = time.monotonic() if now is None else now
+            window, log = self.rate_window, self._window
+            while log and log[0][0] <= now - window:
+                self._used -= log.popleft()[1]
+            if self._used + cost > self.rate_limit + 1e-9:
+                over, reset = self._used + cost - self.rate_limit, window
+                for at, c in log:  # the window has room once enough of its oldest arrivals age out
+                    over -= c
+                    if over <= 1e-9:
+                        reset = at + window - now
+                        break
                 return False, 0, reset
-            self._window_count += 1
-            return True, int(self.rate_limit - self._window_count), reset
+            log.append((now, cost))
+            self._used += cost
+            reset = log[0][0] + window - now
+            return True, int(self.rate_limit - self._used), reset
 
-    def handle(self, req: Req) -> tuple[int, Any, dict[str, str]] | None:
-        """Route one request through faults, the rate limit and the vendor's handler.
+    def _latency(self) -> float:
+        if self.latency_sigma and self.latency:
+            return random.lognormvariate(math.log(self.latency), self.latency_sigma)
+        return self.latency
 
-        Returns None when the connection must be dropped without an answer.
+    def handle(self, req: Req, arrived: float | None = None) -> tuple[int, Any, dict[str, str]] | None:
+        """Route one request through faults, the rate limit and the vendor's handler, then
+        hold the answer for the added latency.
+
+        Returns None when the connection must be dropped without an answer. ``arrived``: when
+        the request came in (monotonic clock; default now).
         """
+        arrived = time.monotonic() if arrived is None else arrived
+        at = time.time() - (time.monotonic() - arrived)
         with self.lock:
             self.log.append({"method": req.method, "path": req.path, "query": req.query,
-                             "headers": req.headers, "body": req.json, "at": time.time()})
-        if self.latency:
-            time.sleep(self.latency)
+                             "headers": req.headers, "body": req.json, "at": at, "cost": self.cost(req)})
+        answer = self._answer(req, arrived)
+        latency = self._latency()
+        if latency:
+            time.sleep(max(0.0, arrived + latency - time.monotonic()))
+        return answer
+
+    def _answer(self, req: Req, arrived: float) -> tuple[int, Any, dict[str, str]] | None:
         fault = self._take_fault(req.raw)
         if fault:
             if fault.kind in ("timeout", "slow"):
@@ -146,7 +187,7 @@ class Emulator:
                 return self.throttled(fault.delay or 1.0)
             if fault.kind == "malformed":
                 return 200, '{"code": 0, "mess', {}
-        allowed, remaining, reset = self._rate()
+        allowed, remaining, reset = self._rate(self.cost(req), arrived)
         if not allowed:
             status, body, headers = self.throttled(reset)
             return status, body, {**self.rate_headers(0, reset), **headers}
@@ -178,6 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.server.emulator.name, *args)
 
     def _serve(self) -> None:
+        arrived = time.monotonic()  # its head is read: counted from here, before the body is parsed
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         url = urlsplit(self.path)
@@ -189,7 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         req = Req(self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)),
                   {k.lower(): v for k, v in self.headers.items()}, raw, body)
-        answer = self.server.emulator.handle(req)
+        answer = self.server.emulator.handle(req, arrived)
         if answer is None:
             self.close_connection = True
             try:

@@ -224,21 +224,36 @@ def _log_mapping(sync: Sync, change: mappings.MappingChange, backfill: bool) -> 
                     else "the vendor keeps its values; the snapshot stops tracking it")
 
 
-def push(sync: Sync, run_id: int, shard: int | None = None, progress=None) -> pushing.PushResult:
-    """Push a run's plan (one shard, or all). ``state.LeaseLost`` when another run took the
-    lock over meanwhile: nothing more was sent or committed (its ``requests``/``delivered``
-    say what this push did)."""
+def push(sync: Sync, run_id: int, shard: int | None = None, progress=None, share=None) -> pushing.PushResult:
+    """Push a run's plan (one shard, or all); ``share``: see :func:`connector.push.push`.
+    ``state.LeaseLost`` when another run took the lock over meanwhile: nothing more was sent
+    or committed (its ``requests``/``delivered`` say what this push did)."""
     name = sync.spec.name
     with state.fenced(sync.state, name, run_id) as c:  # a retried push task: what its dead attempt left
         pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id,
                                 *([state.plan.c.shard == shard] if shard is not None else []), resend=True)
-    result = pushing.push(sync, run_id, shard, progress)
+    result = pushing.push(sync, run_id, shard, progress, share)
     with state.fenced(sync.state, name, run_id) as c:
         c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
                   .values(requests=state.runs.c.requests + result.requests))
         if result.stopped:
             c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(error=result.stopped))
     return result
+
+
+def shard_share(sync: Sync, run_id: int, slots: int) -> float:
+    """One push's share of the vendor's limit when up to ``slots`` pushes of the credential run at
+    once and this run's shards are the only pushes on it: 1 / the shards still to push, and never
+    less than 1 / ``slots``.
+
+    Together they stay under the limit: at most ``slots`` pushes run, each of them on a shard
+    with rows still pending (or in flight), and those shards only decrease as the run goes, so
+    a share read earlier is never larger than one read now."""
+    p = state.plan
+    with sync.state.connect() as c:
+        left = c.execute(sa.select(sa.func.count(sa.distinct(p.c.shard)))
+                         .where(p.c.run_id == run_id, p.c.status.in_(("pending", "out", "sending")))).scalar()
+    return 1 / max(1, min(slots, left or 1))
 
 
 def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:

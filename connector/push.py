@@ -46,12 +46,12 @@ import sqlalchemy as sa
 
 from connector import state
 from connector.faults import crashpoint
-from connector.transport import RateLimiter, Transport
-from connector.vendors.base import Change, Kind, Op, Verdict, transport_verdict
+from connector.transport import MAX_SENDERS, RateLimiter, Senders, Transport
+from connector.vendors.base import Change, Kind, Op, Verdict, configured_limit, transport_verdict
 
 log = logging.getLogger("usersync.push")
 READ_CHUNK = 1000  # plan rows read at a time, while the previous ones' requests are out
-# batches handed to the senders, per sender (in flight or next): while this thread reads the
+# batches handed to the senders, per sender at work (in flight or next): while this thread reads the
 # plan or waits on a commit (at times 0.1-0.2 s when the disk is busy), they keep sending.
 # With two a sender, Tencent's 8 senders ran dry after the longer commits: 0.955-0.967 of its
 # limit against 0.969-0.970 with four, the disk under load.
@@ -88,30 +88,68 @@ class _Sent:
     failing: frozenset[str] | None = None  # attributes of the part that failed (None: all)
 
 
-def push(sync, run_id: int, shard: int | None = None, progress=None) -> PushResult:
-    """Deliver the pending part of a run's plan (one shard, or all)."""
+def push(sync, run_id: int, shard: int | None = None, progress=None, share=None) -> PushResult:
+    """Deliver the pending part of a run's plan (one shard, or all).
+
+    ``share``: a callable giving this push's part of the vendor's limit (pushes of one
+    credential at once: see ``connector.airflow.tasks``), asked again every ``SHARE_EVERY``
+    seconds; None: the whole limit.
+    """
     cfg = sync.spec.vendor
     vendor = sync.client()
-    concurrency = cfg.concurrency or vendor.concurrency
-    transport = Transport(concurrency=concurrency, timeout=cfg.timeout, verify=cfg.verify_tls,
+    maximum = cfg.concurrency or MAX_SENDERS
+    transport = Transport(concurrency=maximum, timeout=cfg.timeout, verify=cfg.verify_tls,
                           user_agent=f"usersync/{sync.version}")
-    limiter = RateLimiter(cfg.rate_limit or vendor.rate_limit)
+    limiter = pacing(sync, share() if share else 1.0)
+    senders = Senders(limiter, maximum)
     result = PushResult()
     stop = threading.Event()
     lease = state.Lease(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout, stop)
     feed = _Feed(sync, run_id, shard, vendor, transport, lease)
+    keeper = threading.Thread(target=_keep_share, args=(limiter, share, stop), daemon=True) if share else None
     try:
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
+        if keeper:
+            keeper.start()
+        with ThreadPoolExecutor(maximum, thread_name_prefix="push") as pool:
             try:
-                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, lease, concurrency,
+                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, lease, senders,
                        result, progress)
             finally:
                 stop.set()  # whatever ended the push (a lost lock, an error), the senders start nothing more
     finally:
+        stop.set()
         if feed.frozen:
             gc.unfreeze()
         transport.close()
     return result
+
+
+def pacing(sync, share: float = 1.0) -> RateLimiter:
+    """The limiter of a push: the limit that applies to the sync as configured, this share of it."""
+    return RateLimiter(configured_limit(sync.vendor_cls, sync.spec.vendor), share)
+
+
+SHARE_EVERY = 5.0
+
+
+def _keep_share(limiter: RateLimiter, share, stop: threading.Event) -> None:
+    """Follow this push's share of the limit as the other pushes finish.
+
+    A larger share applies only a window after it was seen: the pushes that finished sent
+    until then, and the vendor still counts those starts for one window. A share never
+    shrinks while pushes of the run are running (the shards left only decrease); should it,
+    it applies at once."""
+    while not stop.wait(SHARE_EVERY):
+        try:
+            now = share()
+            if now > limiter.share and not stop.wait(limiter.limit.window):
+                now = min(now, share())
+        except Exception:  # the state database unreachable for a moment: keep the share held
+            log.warning("could not read this push's share of the rate limit", exc_info=True)
+            continue
+        if not stop.is_set() and now != limiter.share:
+            log.info("this push now paces at %.3g of the vendor's limit", now)
+            limiter.set_share(now)
 
 
 class _Feed:
@@ -250,11 +288,11 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
     return len(rows)
 
 
-def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, lease: state.Lease, concurrency,
+def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, lease: state.Lease, senders: Senders,
            result, progress):
     inflight: set[Future] = set()
     try:
-        _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, concurrency, result, progress,
+        _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, senders, result, progress,
               inflight)
     except state.LeaseLost as e:  # stop is set: the senders start nothing more; what is on the wire completes
         for fut in inflight:
@@ -266,7 +304,7 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
         raise
 
 
-def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, concurrency, result, progress,
+def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, senders, result, progress,
           inflight: set[Future]):
     cfg = sync.spec.vendor
     jobs = feed.jobs
@@ -276,11 +314,12 @@ def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lea
     lease.keep()  # proved once before the first request
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
-        limit = concurrency * AHEAD if result.requests else 1
+        limit = senders.limit * AHEAD if result.requests else 1
         while len(jobs) < limit and not stop.is_set() and feed.fill():
             pass
         while jobs and len(inflight) < limit and not stop.is_set():
-            inflight.add(pool.submit(_send, jobs.popleft(), vendor, transport, limiter, stop, lease, cfg, intend))
+            inflight.add(pool.submit(senders.run, _send, jobs.popleft(), vendor, transport, limiter, stop, lease,
+                                     cfg, intend))
         if not inflight:
             break
         due = writes.due()  # and the lease's renewal: the senders wait for it once it lapses
@@ -293,6 +332,7 @@ def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lea
             crashpoint("vendor_answered")
         for fut in done:
             sent = fut.result()
+            senders.observe()
             result.requests += sent.attempts - sent.job.attempts
             _record(sent, writes, jobs, stop, result, cfg.max_attempts)
         if writes.urgent or not inflight or writes.due() == 0:
@@ -364,13 +404,20 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
-        limiter.acquire()
-        if req is None:
-            req = _parts(vendor, job.batch)[index]
+        # the intent and the encoding come before the start slot: a wait on the state database
+        # between the slot and the send (another thread's commit) would bunch the arrivals the
+        # limiter spaced. Stopped while waiting: not sent, the rows go back to pending.
         if not risky <= job.intended:
             job.intended |= risky
             if not intend(job.batch, job.intended):
                 return _Sent(job, None, attempts)
+        prepared = transport.prepare(req) if req is not None else None
+        limiter.acquire(len(job.batch))
+        if stop.is_set():
+            return _Sent(job, None, attempts)
+        if prepared is None:
+            req = _parts(vendor, job.batch)[index]
+            prepared = transport.prepare(req)
         if not lease.ready():  # the last word before the request starts: the lease, on its clock
             return _Sent(job, None, attempts)
         crashpoint("before_send")
@@ -378,7 +425,7 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
         t0 = time.monotonic()
         attempts += 1
         try:
-            resp = transport.send(req)
+            resp = transport.send(prepared)
             verdict, status = vendor.verdict(req, resp), resp.status_code
         except requests.RequestException as e:
             verdict, status = transport_verdict(e), None

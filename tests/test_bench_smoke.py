@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("plan_vs_read_time", "plan_vs_read_memory", "incremental_vs_full", "commit_1m_vs_100k",
-        "push_fraction_of_limit", "tencent_batch_fill", "peak_rss_10m_mb")
+        "push_fraction_of_limit_by_latency", "push_peak_window", "tencent_batch_fill", "peak_rss_10m_mb")
 
 
 @pytest.mark.timeout(600)
@@ -28,7 +28,9 @@ def test_tiny_bench_writes_sane_results(tmp_path):
     for key in KEYS[:4]:
         assert sorted(results[key]) == sorted(dbs), key
         assert all(0 < v < math.inf for v in results[key].values()), (key, results[key])
-    assert sorted(results["push_fraction_of_limit"]) == ["dfinery", "tencent_im"]
+    assert sorted(results["push_fraction_of_limit_by_latency"]) == ["dfinery", "tencent_im"]
+    assert all(list(runs) == ["50ms"] for runs in results["push_fraction_of_limit_by_latency"].values())
+    assert all(0 < peak <= 1.0 for peak in results["push_peak_window"].values())
     assert results["tencent_batch_fill"] == 1.0  # 100 users: one full request
     if postgres:
         assert results["peak_rss_10m_mb"] > 0
@@ -40,15 +42,17 @@ def test_tiny_bench_writes_sane_results(tmp_path):
         assert phases["plan"]["changed"] == raw["users"] // 100  # 1% changed since the seeded run
         assert phases["incremental"]["rows"] == phases["incremental"]["changed"] == raw["users"] // 100
         assert phases["commit_big"]["delivered"] == phases["commit_small"]["delivered"] == raw["users"] // 100
-    for vendor, push in raw["push"].items():
-        assert push["delivered"] == push["users"] and push["status"] == "success", vendor
-        assert push["throttled"] == 0, vendor
+    for vendor, runs in raw["push"].items():
+        for push in runs.values():
+            assert push["delivered"] == push["users"] and push["status"] == "success", vendor
+            assert push["throttled"] == 0, vendor
     if postgres:
         assert raw["scale"]["plan"]["rows"] == raw["scale_users"]
         assert raw["scale"]["plan"]["changed"] == raw["scale_users"] // 100
 
     md = (tmp_path / "results.md").read_text()
-    assert "| `plan_vs_read_time`" in md and "| `push_fraction_of_limit`" in md
+    assert "| `plan_vs_read_time`" in md and "| `push_fraction_of_limit_by_latency`" in md
+    assert "| dfinery (10,000 requests / 60 s) | " in md
     try:
         import matplotlib  # noqa: F401 - the chart needs the bench extra
     except ImportError:

@@ -243,8 +243,9 @@ def test_settings_choose_host_and_request_rate(tmp_path, monkeypatch):
     bulk_client = engine.Sync(loaded, loaded.sync("bulk_users")).client()
     assert track_client.base_url == "https://api-04.moengage.com"
     assert bulk_client.base_url == "http://127.0.0.1:1"  # base_url overrides the data center
-    assert track_client.rate_limit * 60 <= 10_000 and track_client.max_users == 1
-    assert bulk_client.rate_limit * 60 * bulk_client.max_users <= 60_000 and bulk_client.max_users > 1
+    # one budget of 10,000 users a minute across both APIs [doc], counted in users
+    assert track_client.limit == bulk_client.limit == vendor.Limit(10_000, 60.0, "users")
+    assert track_client.max_users == 1 and bulk_client.max_users > 1
     bad = dict(sync, vendor={**sync["vendor"], "settings": {"workspace_id": WORKSPACE, "data_center": 7}})
     with pytest.raises(ConfigError) as e:
         config.load(write_config(tmp_path / "bad.yaml", "sqlite://", [bad]))
@@ -335,16 +336,17 @@ def test_emulator_enforces_the_documented_rules(moengage):
 
 
 def test_emulator_rate_limit_answers_429_with_headers(monkeypatch):
-    with emulator.Running(vendor.Emulator(workspace_id=WORKSPACE, api_key=KEY, rate_limit=3,
-                                          bulk_rate_limit=5)) as running:
+    with emulator.Running(vendor.Emulator(workspace_id=WORKSPACE, api_key=KEY, rate_limit=3)) as running:
         body = {"type": "customer", "customer_id": "c1", "attributes": {"a": 1}}
         answers = [_post(running.url, vendor.TRACK_PATH, body) for _ in range(4)]
         assert [a.status_code for a in answers] == [200, 200, 200, 429]
         assert answers[3].headers["x-ratelimit-remaining"] == "0" and 0 < float(answers[3].headers["x-ratelimit-reset"]) <= 60
-        running.emulator.reset()
-        running.emulator.rate_limit = None
+        running.emulator.reset()  # a fresh window: the budget is users, across both APIs
+        running.emulator.rate_limit = 5
         elements = [{**body, "customer_id": f"c{i}"} for i in range(4)]
         first = _post(running.url, vendor.BULK_PATH, {"type": "transition", "elements": elements})
+        track = _post(running.url, vendor.TRACK_PATH, body)
         second = _post(running.url, vendor.BULK_PATH, {"type": "transition", "elements": elements})
         assert first.status_code == 200 and first.headers["x-ratelimit-remaining"] == "1"
-        assert second.status_code == 429  # 8 users over a limit of 5 a minute
+        assert track.status_code == 200 and track.headers["x-ratelimit-remaining"] == "0"
+        assert second.status_code == 429  # 9 users over a limit of 5 a minute

@@ -33,9 +33,27 @@ def lock_retry_delay() -> float:
 
 
 def pool_slots() -> int:
-    """Pushes at once per vendor credential (``USERSYNC_POOL_SLOTS``, default 4); each gets that share
-    of the vendor's rate limit, so together they stay under it."""
+    """Pushes at once per vendor credential (``USERSYNC_POOL_SLOTS``, default 4): the size of its pool."""
     return max(int(os.environ.get("USERSYNC_POOL_SLOTS", "4")), 1)
+
+
+def share(sync, run_id: int):
+    """This push task's share of the limit that applies to the sync as configured, as a callable
+    the push asks again now and then.
+
+    The pool (one per credential) runs at most :func:`pool_slots` pushes at once. When no other
+    sync in the file pushes with the same credential, those are shards of this run only, and
+    each takes 1 / the shards still to push (``engine.shard_share``): when a shard finishes,
+    the others take up its part, a window later. A credential shared by several syncs keeps
+    the fixed 1 / slots: the runs of other syncs are not counted here, so only that share is
+    safe with any of them running."""
+    from connector import engine
+    from connector.airflow.dags import pool_name
+
+    slots, mine = pool_slots(), pool_name(sync.spec)
+    if any(pool_name(s) == mine for s in sync.cfg.syncs if s.name != sync.spec.name):
+        return lambda: 1 / slots
+    return lambda: engine.shard_share(sync, run_id, slots)
 
 
 class SyncLocked(Exception):
@@ -157,11 +175,8 @@ def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
     from connector.cli import superseded
 
     sync = open_sync(config_path, name)
-    v = sync.spec.vendor
-    share = (v.rate_limit or sync.vendor_cls.rate_limit) / pool_slots()
-    sync.spec = sync.spec.model_copy(update={"vendor": v.model_copy(update={"rate_limit": share})})
     try:
-        r = engine.push(sync, job["run_id"], shard=job["shard"])
+        r = engine.push(sync, job["run_id"], shard=job["shard"], share=share(sync, job["run_id"]))
     except state.LeaseLost as e:
         raise _fail(f"shard {job['shard']} stopped: {superseded(e)}") from None
     out = {"shard": job["shard"], "delivered": r.delivered, "rejected": r.rejected, "failed": r.failed,

@@ -18,6 +18,7 @@ The engine only ever talks to a vendor through :class:`Vendor`:
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import enum
 import re
 import time
@@ -115,6 +116,28 @@ class Verdict:
         return self.per_user.get(key, (self.kind, self.code, self.message))
 
 
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A vendor's rate limit as it counts it: at most ``count`` ``unit`` in any ``window`` seconds.
+
+    Declared once per vendor and API, as documented (no margin: the rate limiter applies the
+    one margin); read by the client, the rate limiter, the emulator's window and the bench.
+    ``unit`` is ``requests``, or ``users`` when the vendor counts the users a request carries.
+    """
+
+    count: float
+    window: float
+    unit: str = "requests"
+
+    def __post_init__(self):
+        if self.unit not in ("requests", "users") or self.count <= 0 or self.window <= 0:
+            raise ValueError(f"not a rate limit: {self}")
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.window
+
+
 class Vendor:
     """Base class for vendor clients. Subclasses set the class attributes."""
 
@@ -123,8 +146,7 @@ class Vendor:
     rules: ClassVar[Mapping[str, str]] = {"set": "set"}  # config rule name -> engine rule
     null_policies: ClassVar[frozenset[str]] = frozenset({"skip"})
     max_users: ClassVar[int] = 1  # users per request
-    rate_limit: ClassVar[float] = 10.0  # requests per second (vendor's declared limit)
-    concurrency: ClassVar[int] = 8
+    limit: ClassVar[Limit]  # the documented rate limit (of the default API: see limit_for)
     default_base_url: ClassVar[str]
     identity_fields: ClassVar[tuple[str, ...]]  # allowed identity fields, first = default
     credentials: ClassVar[tuple[str, ...]]  # credential names (all secret)
@@ -135,6 +157,12 @@ class Vendor:
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.creds = dict(credentials)
         self.settings_ = dict(settings)
+        self.limit = self.limit_for(self.settings_)
+
+    @classmethod
+    def limit_for(cls, settings: Mapping[str, Any]) -> Limit:
+        """The documented limit of the API these settings choose (a vendor with several overrides this)."""
+        return cls.limit
 
     # How an Airflow connection's fields fill credentials and settings:
     # credential or setting name -> "login" | "password" | "host" | "extra.<key>".
@@ -226,9 +254,27 @@ def without_query(text: str) -> str:
     return _QUERY.sub("?…", text)
 
 
-def wait_seconds(response: requests.Response, *headers: str, cap: float | None = None) -> float | None:
-    """How long the vendor asked us to wait: the first of ``headers`` present (default
-    ``Retry-After``), as seconds from now — an epoch timestamp is turned into one."""
+def configured_limit(vendor_cls: type[Vendor], vendor_cfg: Any) -> Limit:
+    """The limit that applies to a sync as configured: the documented limit of the API its
+    settings choose, or ``vendor.rate_limit`` (per second, in that limit's unit) over the
+    vendor's window. The rate limiter paces under either by its one margin."""
+    limit = vendor_cls.limit_for(vendor_cfg.settings)
+    if vendor_cfg.rate_limit:
+        return dataclasses.replace(limit, count=vendor_cfg.rate_limit * limit.window)
+    return limit
+
+
+# Epoch times from 2001 on: no vendor asks for a wait of 31 years (1e9 s), and 1e11 seconds
+# is the year 5138, so anything above it is milliseconds.
+_EPOCH_SECONDS, _EPOCH_MS = 1e9, 1e11
+
+
+def wait_seconds(response: requests.Response, *headers: str, cap: float) -> float | None:
+    """How long the vendor asked us to wait, as seconds from now: the first of ``headers``
+    present (default ``Retry-After``), in whichever form the vendor writes it — seconds to wait,
+    an epoch time in seconds or in milliseconds, or an HTTP date. Never more than ``cap``, the
+    vendor's window: a limit of L per T seconds never needs a longer wait, and a misread unit
+    must not stall the run (a DFINERY reset in epoch milliseconds read as seconds is 1.8e12 s)."""
     for name in headers or ("Retry-After",):
         value = response.headers.get(name)
         if value is None:
@@ -236,11 +282,15 @@ def wait_seconds(response: requests.Response, *headers: str, cap: float | None =
         try:
             seconds = float(value)
         except ValueError:
-            return None
-        if seconds > 1e9:  # an epoch time, not a duration
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp()
+            except (TypeError, ValueError, IndexError):
+                return None
+        if seconds > _EPOCH_MS:
+            seconds = seconds / 1000 - time.time()
+        elif seconds > _EPOCH_SECONDS:
             seconds -= time.time()
-        seconds = max(0.0, seconds)
-        return min(seconds, cap) if cap is not None else seconds
+        return min(max(0.0, seconds), cap)
     return None
 
 

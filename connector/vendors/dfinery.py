@@ -2,7 +2,8 @@
 
 ``POST {base}/api/v1/user-profile?service_id=…`` with header ``access_token``; one profile
 a call; body ``{"identity": {...}, "user_properties": {...}, "request_datetime": ISO UTC}``.
-The body's ``code`` is the verdict, not the HTTP status. 10,000 requests a minute.
+The body's ``code`` is the verdict, not the HTTP status. 10,000 requests a minute [doc]; the
+unit of ``X-Rate-Limit-Reset`` is not documented, so every form is read (``wait_seconds``).
 
 NULL (the mapping's ``null:``): ``skip`` (the value DFINERY has stays) or ``send`` (the
 property is sent as JSON ``null``). The docs name no call that removes a property: no ``unset``.
@@ -12,18 +13,19 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from typing import Any
 
 import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
+from connector.vendors.base import Change, Kind, Limit, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 BASE_URL = "https://openapi.dfinery.ai"
 PATH = "/api/v1/user-profile"
-RATE_PER_MINUTE = 10_000
+LIMIT = Limit(10_000, 60.0)  # profile API: 10,000 requests a minute [doc]
 IDENTITY_FIELDS = ("external_id", "phone_no", "email", "kakao_user_id", "line_user_id")
 DATETIME = "%Y-%m-%dT%H:%M:%S.%3fZ"  # yyyy-MM-dd'T'HH:mm:ss.SSSZ, UTC
 TYPES = {
@@ -52,8 +54,7 @@ class Client(Vendor):
     rules = {"set": "set", "once": "once"}
     null_policies = frozenset({"skip", "send"})  # no delete call: NULL can only be sent as null
     max_users = 1
-    rate_limit = RATE_PER_MINUTE / 60 * 0.98  # a margin under the per-minute window
-    concurrency = 16
+    limit = LIMIT
     default_base_url = BASE_URL
     identity_fields = IDENTITY_FIELDS
     credentials = ("access_token",)
@@ -75,7 +76,7 @@ class Client(Vendor):
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
-        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After")
+        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After", cap=self.limit.window)
         if body is None:
             if response.status_code == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -104,16 +105,20 @@ class Emulator(_EmulatorBase):
     """Checks token, service id, body shape, registered properties and their types.
 
     Settings: ``service_id``, ``access_token``, ``properties`` ({name: type} as registered
-    in the console), ``rate_limit`` (requests a minute, default 10,000).
+    in the console), ``rate_limit`` (requests a minute, default 10,000), ``reset_unit`` (how
+    ``X-Rate-Limit-Reset`` is written: ``seconds`` to wait, the default, or the window's end as an
+    ``epoch`` time in seconds or ``epoch_ms``: the docs name the header, not its unit).
     """
 
     name = "dfinery"
     routes = {("POST", PATH): "user_profile"}
-    rate_window = 60.0
+    limit = LIMIT
 
     def __init__(self, service_id: str = "demo-service", access_token: str = "demo-token",
-                 properties: dict[str, str] | None = None, rate_limit: float = RATE_PER_MINUTE):
+                 properties: dict[str, str] | None = None, rate_limit: float = LIMIT.count,
+                 reset_unit: str = "seconds"):
         self.profiles: dict[str, dict[str, Any]] = {}
+        self.reset_unit = reset_unit
         super().__init__(rate_limit=rate_limit)
         self.service_id, self.access_token = service_id, access_token
         self.properties = {k: v.lower() for k, v in (properties or {}).items()}
@@ -137,7 +142,14 @@ class Emulator(_EmulatorBase):
 
     def rate_headers(self, remaining, reset):
         return {"X-Rate-Limit-Limit": str(int(self.rate_limit or 0)), "X-Rate-Limit-Remaining": str(remaining),
-                "X-Rate-Limit-Reset": f"{reset:.0f}"}
+                "X-Rate-Limit-Reset": self._reset(reset)}
+
+    def _reset(self, seconds: float) -> str:
+        if self.reset_unit == "epoch":
+            return f"{time.time() + seconds:.0f}"
+        if self.reset_unit == "epoch_ms":
+            return f"{(time.time() + seconds) * 1000:.0f}"
+        return f"{seconds:.0f}"
 
     def user_profile(self, req):
         def fail(status: int, code: str, message: str):

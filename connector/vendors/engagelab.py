@@ -23,13 +23,13 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
+from connector.vendors.base import Change, Kind, Limit, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 REGIONS = {"singapore": "https://ma-api.engagelab.com", "virginia": "https://ma-api-usva.engagelab.com"}
 DEFAULT_REGION = "singapore"
 PATH = "/v1/user/property"
-RATE_LIMIT = 100.0  # requests a second: not published [inferred]; override with vendor.rate_limit
+LIMIT = Limit(100, 1.0)  # requests a second: not published [inferred]; override with vendor.rate_limit
 DATETIME = "%Y-%m-%d %H:%M:%S"  # yyyy-MM-dd HH:mm:ss (we send UTC)
 TYPES = {
     "string": Coercer("string"),
@@ -57,8 +57,7 @@ class Client(Vendor):
     rules = {"set": "set", "once": "once", "increase": "increase", "list": "list", "append": "append"}
     null_policies = frozenset({"skip", "unset"})  # a null value is an empty one (55103): NULL -> delete
     max_users = 1
-    rate_limit = RATE_LIMIT * 0.97  # a margin under the emulated fixed one-second window
-    concurrency = 8
+    limit = LIMIT
     default_base_url = REGIONS[DEFAULT_REGION]
     identity_fields = ("euid",)
     credentials = ("api_key", "api_secret")
@@ -105,7 +104,7 @@ class Client(Vendor):
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
         status = response.status_code
-        wait = wait_seconds(response)
+        wait = wait_seconds(response, cap=self.limit.window)
         if body is None or not isinstance(body.get("code"), (int, str)):
             if status == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -165,10 +164,10 @@ class Emulator(_EmulatorBase):
 
     name = "engagelab"
     routes = {("POST", PATH): "user_property"}
-    rate_window = 1.0
+    limit = LIMIT
 
     def __init__(self, api_key: str = "demo-key", api_secret: str = "demo-secret",
-                 properties: dict[str, str] | None = None, rate_limit: float = RATE_LIMIT):
+                 properties: dict[str, str] | None = None, rate_limit: float = LIMIT.count):
         self.users: dict[int, dict[str, Any]] = {}
         super().__init__(rate_limit=rate_limit)
         self.auth = "Basic " + base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()

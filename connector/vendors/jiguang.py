@@ -34,12 +34,12 @@ import requests
 
 from connector.coerce import Coercer
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Op, Request, Vendor, Verdict, json_body, wait_seconds
+from connector.vendors.base import Change, Kind, Limit, Op, Request, Vendor, Verdict, json_body, wait_seconds
 
 # -- settings: everything the docs fix -------------------------------------------------
 BASE_URL = "https://growth.jiguang.cn"
 PATH = "/smartop/api/v1/user/attribute"
-QPS = 100
+LIMIT = Limit(100, 1.0)  # QPS <= 100 [doc]
 DATETIME = "%Y-%m-%d %H:%M:%S"  # yyyy-MM-dd HH:mm:ss
 TYPES = {
     "string": Coercer("string"),
@@ -80,8 +80,7 @@ class Client(Vendor):
     null_policies = frozenset({"skip"})  # 40009: a value cannot be empty, and there is no delete
     empty_refused = "Jiguang refuses empty values: 40009"
     max_users = 1
-    rate_limit = QPS * 0.97  # a margin under the vendor's fixed one-second window
-    concurrency = 8
+    limit = LIMIT
     default_base_url = BASE_URL
     identity_fields = ("cuid",)
     credentials = ("project_secret",)
@@ -120,7 +119,7 @@ class Client(Vendor):
 
     def verdict(self, request: Request, response: requests.Response) -> Verdict:
         body = json_body(response)
-        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After")
+        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After", cap=self.limit.window)
         if body is None or not isinstance(body.get("code"), int):
             if response.status_code == 429:
                 return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
@@ -186,10 +185,10 @@ class Emulator(_EmulatorBase):
 
     name = "jiguang"
     routes = {("PUT", PATH): "set_attributes"}
-    rate_window = 1.0
+    limit = LIMIT
 
     def __init__(self, project_id: str = "demo-project", project_secret: str = "demo-secret",
-                 attributes: dict[str, dict[str, str]] | None = None, cuids=None, rate_limit: float = QPS):
+                 attributes: dict[str, dict[str, str]] | None = None, cuids=None, rate_limit: float = LIMIT.count):
         self.users: dict[int, dict[str, Any]] = {}
         super().__init__(rate_limit=rate_limit)
         self.project_id, self.project_secret = project_id, project_secret

@@ -39,7 +39,7 @@ import requests
 from connector.coerce import Coercer
 from connector.config import ConfigError
 from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import (Change, Kind, Op, Request, Vendor, Verdict, json_body, transport_verdict,
+from connector.vendors.base import (Change, Kind, Limit, Op, Request, Vendor, Verdict, json_body, transport_verdict,
                                     without_query)
 
 # -- settings: everything the docs fix -------------------------------------------------
@@ -58,7 +58,7 @@ API = "/v4/all_member_push/"
 SET_ATTR, GET_ATTR_NAME, GET_ATTR = API + "im_set_attr", API + "im_get_attr_name", API + "im_get_attr"
 REMOVE_ATTR = API + "im_remove_attr"  # [doc] the attribute names to remove, per account
 MAX_USERS = 100  # accounts a request [doc]
-RATE_PER_SECOND = 100  # requests a second [doc]
+LIMIT = Limit(100, 1.0)  # requests a second [doc]
 MAX_VALUE_BYTES = 50  # bytes an attribute value [doc]
 MAX_NAMES = 10  # attribute names an app may register [doc]
 MAX_ACCOUNT_BYTES = 32  # a UserID: printable ASCII, at most 32 bytes [doc, SDK error 7003]
@@ -86,7 +86,6 @@ PERMANENT = {  # this payload is refused: split the batch to find the users, rej
     70402: "parameter invalid",  # [inferred, common code]
 }
 RETRYABLE = {91000: "internal service error", 70500: "internal server error"}
-WINDOW = 1.0  # the rate limit's window (seconds): how long a throttled client waits
 STOP_FIELDS = {60002: "vendor", 70013: "vendor.settings.identifier", 90009: "vendor.settings.identifier",
                70014: "vendor.settings.sdkappid", 70020: "vendor.settings.sdkappid"}
 
@@ -197,8 +196,7 @@ class Client(Vendor):
     rules = {"set": "set", "once": "once"}  # im_set_attr only overwrites
     null_policies = frozenset({"skip", "unset"})  # no null on the wire (values are strings): im_remove_attr
     max_users = MAX_USERS
-    rate_limit = RATE_PER_SECOND * 0.97  # a margin under the vendor's fixed one-second window
-    concurrency = 8
+    limit = LIMIT
     default_base_url = "https://" + REGIONS[DEFAULT_REGION]
     identity_fields = ("To_Account",)
     credentials = ("secret_key",)
@@ -364,7 +362,7 @@ class Client(Vendor):
         if code in STOP:  # the vendor's words and what they mean for us
             return Verdict(Kind.STOP, str(code), f"{info} ({STOP[code]})" if info else STOP[code]), body
         if code in THROTTLED:
-            return Verdict(Kind.RETRY, str(code), text or "frequency limit", wait=WINDOW), body
+            return Verdict(Kind.RETRY, str(code), text or "frequency limit", wait=self.limit.window), body
         if code in PERMANENT:
             kind = Kind.SPLIT if len(request.keys) > 1 else Kind.REJECTED
             return Verdict(kind, str(code), text), body
@@ -407,11 +405,11 @@ class Emulator(_EmulatorBase):
     name = "tencent_im"
     routes = {("POST", SET_ATTR): "set_attr", ("POST", GET_ATTR_NAME): "get_attr_name",
               ("POST", GET_ATTR): "get_attr", ("POST", REMOVE_ATTR): "remove_attr"}
-    rate_window = WINDOW
+    limit = LIMIT
 
     def __init__(self, sdkappid: str | int = "1400000000", secret_key: str = "demo-secret-key",
                  identifier: str = "administrator", attr_names: list[str] | None = None,
-                 accounts: set[str] | None = None, rate_limit: float = RATE_PER_SECOND):
+                 accounts: set[str] | None = None, rate_limit: float = LIMIT.count):
         self.attrs: dict[str, dict[str, str]] = {}
         super().__init__(rate_limit=rate_limit)
         self.sdkappid, self.secret_key, self.identifier = str(sdkappid), secret_key, identifier
