@@ -226,7 +226,9 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
     rows = conn.execute(sa.select(_p.c.run_id, _p.c.status, _p.c.in_flight, *_COLUMNS)
                         .where(_p.c.status.in_(["sending", OUT]), *where)
                         .order_by(_p.c.run_id, _p.c.status, _p.c.in_flight, _p.c.user_key)).all()
-    for (run_id, status, in_flight), group in itertools.groupby(rows, key=lambda r: r[:3]):
+    # one group per run and status (and, while sending, per attributes in flight)
+    for (run_id, status, in_flight), group in itertools.groupby(
+            rows, key=lambda r: (r[0], r[1], r[2] if r[1] == "sending" else None)):
         changes = _load([r[3:] for r in group])
         keys = [c.key for c in changes]
         if status == OUT and resend:
