@@ -233,11 +233,15 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None, share
         pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id,
                                 *([state.plan.c.shard == shard] if shard is not None else []), resend=True)
     result = pushing.push(sync, run_id, shard, progress, share)
-    with state.fenced(sync.state, name, run_id) as c:
-        c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
-                  .values(requests=state.runs.c.requests + result.requests))
-        if result.stopped:
-            c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(error=result.stopped))
+    try:
+        with state.fenced(sync.state, name, run_id) as c:
+            c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
+                      .values(requests=state.runs.c.requests + result.requests))
+            if result.stopped:
+                c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(error=result.stopped))
+    except state.LeaseLost as e:
+        e.requests, e.delivered = result.requests, result.delivered
+        raise
     return result
 
 

@@ -170,6 +170,7 @@ class _Feed:
 
     def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport, lease=None):
         self.sync, self.vendor, self.transport = sync, vendor, transport
+        self.run_id, self.lease = run_id, lease
         self.chunks = _pending(sync, run_id, shard, lease)
         self.jobs: deque[_Job] = deque()
         self.more, self.prepared, self.frozen = True, False, False
@@ -183,7 +184,13 @@ class _Feed:
             self.more = False
             return False
         if not self.prepared:  # only when there is something to send: no change, no request
-            self.vendor.prepare(self.transport.session, self.sync.spec)
+            try:
+                self.vendor.prepare(self.transport.session, self.sync.spec)
+            except BaseException:  # refused before any of the chunk could leave: not out after all
+                if self.lease is not None:
+                    with self.lease.begin() as conn:
+                        _mark(conn, self.run_id, [c.key for c in changes], "pending")
+                raise
             self.prepared = True
             if len(changes) == READ_CHUNK:  # a long push, nothing in flight yet
                 gc.collect()
@@ -264,7 +271,9 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
     rows = conn.execute(sa.select(_p.c.run_id, _p.c.status, _p.c.in_flight, *_COLUMNS)
                         .where(_p.c.status.in_(["sending", OUT]), *where)
                         .order_by(_p.c.run_id, _p.c.status, _p.c.in_flight, _p.c.user_key)).all()
-    for (run_id, status, in_flight), group in itertools.groupby(rows, key=lambda r: r[:3]):
+    # one group per run and status (and, while sending, per attributes in flight)
+    for (run_id, status, in_flight), group in itertools.groupby(
+            rows, key=lambda r: (r[0], r[1], r[2] if r[1] == "sending" else None)):
         changes = _load([r[3:] for r in group])
         keys = [c.key for c in changes]
         if status == OUT and resend:
@@ -400,7 +409,10 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
     """``carried``: the attributes this part carries (None: the whole batch); ``req``: the part as
     built already (None: build it; every retry builds afresh: timestamps, nonces, signatures)."""
     risky = frozenset(a for c in job.batch for a, op, _ in c.ops if not op.idempotent and (carried is None or a in carried))
-    idempotent = not risky
+    # a once value is re-sent unchanged by a retry in the same run: harmless (at most once is
+    # about a later run, whose value may differ); increments and appends are never retried blind
+    idempotent = all(op.idempotent or op is Op.ONCE for c in job.batch for a, op, _ in c.ops
+                     if carried is None or a in carried)
     while True:
         if stop.is_set():
             return _Sent(job, None, attempts)
