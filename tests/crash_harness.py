@@ -223,7 +223,7 @@ def serve(spec_json: str, latency: str) -> None:
     emu.latency = float(latency)
     routed, arrived = emu.handle, {}
 
-    def handle(req):  # /_run/<tag>/path -> /path, the tag kept in the logged headers
+    def handle(req, *more):  # /_run/<tag>/path -> /path, the tag kept in the logged headers
         if req.path == "/_harness/sent":  # how many requests a tag sent since a moment
             at = arrived.get(req.query["tag"], [])
             return 200, {"n": sum(1 for t in at if t >= float(req.query["after"]))}, {}
@@ -231,7 +231,7 @@ def serve(spec_json: str, latency: str) -> None:
         if m:
             req.headers[TAG], req.path = m.group(1), m.group(2)
             arrived.setdefault(m.group(1), []).append(time.time())
-        return routed(req)
+        return routed(req, *more)
 
     emu.handle = handle
     running = emulator.Running(emu)
