@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,6 +35,8 @@ class Sync:
         check_state(cfg, self.state, spec.name)
         state.create_tables(self.state)
         self._source: sa.FromClause | None = None
+        # who pushes, recorded on each sync_batches row; an Airflow push task sets both for itself
+        self.worker, self.task = socket.gethostname(), None
 
     @property
     def source(self) -> sa.FromClause:
