@@ -142,12 +142,13 @@ class ScaleOut:
         api = self.deployment.api
         api("POST", f"dags/{self.dag_id}/clearTaskInstances",
             json={"dag_run_id": self.scheduled, "dry_run": False, "only_failed": False, "reset_dag_runs": True})
-        m = self.trigger({"mode": "full", "user_ids": [r["user_id"] for r in manual]})
+        # user ids are values of the sync's identity column (Jiguang's cuid: numeric_id)
+        m = self.trigger({"mode": "full", "user_ids": [str(r["numeric_id"]) for r in manual]})
         day = T0.replace(hour=0).strftime("%Y-%m-%dT%H:%M:%SZ")
         backfill_id = api("POST", "backfills", json={"dag_id": self.dag_id, "from_date": day, "to_date": day,
                                            "max_active_runs": 1, "reprocess_behavior": "none",
                                            "dag_run_conf": {"mode": "full",
-                                                            "user_ids": [r["user_id"] for r in backfill]}})["id"]
+                                                            "user_ids": [str(r["numeric_id"]) for r in backfill]}})["id"]
         started = time.time() - t0
         _until(lambda: self._backfill_run(backfill_id) is not None, 120, "the backfill's run")
         dag_runs = {"scheduled": self.scheduled, "manual": m, "backfill": self._backfill_run(backfill_id)}

@@ -158,9 +158,19 @@ class Deployment:
         self.stop()
 
     def kill_worker(self, name: str) -> None:
-        """SIGKILL a worker with everything it runs (its process group), as if its machine died."""
-        _signal(self.procs[name], signal.SIGKILL)
-        self.procs.pop(name).wait()
+        """SIGKILL a worker with everything it runs, as if its machine died: every descendant, not
+        only its process group (Airflow starts each task's processes in a session of their own,
+        and a task left alive would go on pushing)."""
+        import psutil
+
+        proc = self.procs.pop(name)
+        doomed = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
 
     # -- Airflow ---------------------------------------------------------------------------
     def airflow(self, *args: str, timeout: float = 600) -> str:
