@@ -132,7 +132,14 @@ class Deployment:
     def stop(self) -> None:
         """SIGTERM to every component's process group, SIGKILL to what is left after 20 s;
         then the broker keys, and the metadata database when it was made to be dropped."""
+        import psutil
+
+        descendants = []  # task processes run in sessions of their own: gone with their group or not
         for proc in self.procs.values():
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self.procs.values():
@@ -143,6 +150,11 @@ class Deployment:
         for proc in self.procs.values():  # the group: a worker's task processes may outlive it
             _signal(proc, signal.SIGKILL)
             proc.wait()
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.procs.clear()
         self._clear_broker()
         if self.drop_database:
