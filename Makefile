@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench emulators airflow ddl clean help
+.PHONY: demo test bench emulators airflow airflow-celery ddl clean help
 
 help:
 	@echo "make demo       build a demo warehouse, sync it to the vendor emulators, twice"
 	@echo "make test       run the whole test suite (SQLite; PostgreSQL/MariaDB when their URLs are set)"
 	@echo "make bench      run the benchmarks, write bench/results.md and bench/results.json"
 	@echo "make emulators  serve the vendor emulators for demo/syncs.yaml in the foreground"
+	@echo "make airflow-celery  Airflow on the CeleryExecutor (Redis, PostgreSQL, 2 workers) with the demo syncs"
 	@echo "make ddl        regenerate sql/sync_tables.*.sql from the table definitions"
 	@echo "make screenshots  rewrite docs/ui-*.png from the browser tests of Airflow's Syncs page"
 
@@ -35,6 +36,11 @@ emulators: $(STAMP)
 
 airflow: $(STAMP)
 	$(BIN)/python -m connector.airflow.standalone --dir demo
+
+# Airflow on the CeleryExecutor: Redis broker, PostgreSQL metadata database, two workers
+airflow-celery: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[celery]'
+	$(BIN)/python -m connector.airflow.celery_deploy --dir demo
 
 ddl: $(STAMP)
 	for d in sqlite postgresql mysql; do $(BIN)/usersync ddl $$d > sql/sync_tables.$$d.sql; done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +36,8 @@ class Sync:
         check_state(cfg, self.state, spec.name)
         upgrade_state(cfg, self.state, spec.name)
         self._source: sa.FromClause | None = None
+        # who pushes, recorded on each sync_batches row; an Airflow push task sets both for itself
+        self.worker, self.task = socket.gethostname(), None
 
     @property
     def source(self) -> sa.FromClause:

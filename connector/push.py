@@ -648,4 +648,4 @@ def _batch_values(sync, run_id, shard, sent: _Sent, outcome: str) -> dict:
         run_id=run_id, sync=sync.spec.name, shard=shard, users=len(batch), first_user=batch[0].key,
         attributes=",".join(attrs)[:2000], http_status=sent.http_status, vendor_code=v.code,
         vendor_message=(v.message or "")[:2000], attempts=sent.attempts, latency_ms=sent.latency_ms,
-        outcome=outcome, sent_at=sent.sent_at or state.now())
+        outcome=outcome, sent_at=sent.sent_at or state.now(), worker=sync.worker, task=sync.task)

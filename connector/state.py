@@ -75,6 +75,10 @@ batches = sa.Table(
     sa.Column("latency_ms", sa.Integer),
     sa.Column("outcome", sa.String(20), nullable=False),  # delivered / partial / rejected / failed / stopped
     sa.Column("sent_at", _TS, nullable=False),
+    # who sent it, so the spread over workers shows: the host (on Airflow, the task instance's
+    # hostname as Airflow records it) and the Airflow task (dag_id.task_id[map_index] try n; NULL for the CLI)
+    sa.Column("worker", sa.String(250)),
+    sa.Column("task", sa.String(250)),
 )
 
 snapshot = sa.Table(

@@ -13,6 +13,8 @@ CREATE TABLE sync_batches (
 	latency_ms INTEGER, 
 	outcome VARCHAR(20) NOT NULL, 
 	sent_at DATETIME NOT NULL, 
+	worker VARCHAR(250), 
+	task VARCHAR(250), 
 	PRIMARY KEY (batch_id)
 );
 

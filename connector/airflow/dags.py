@@ -113,9 +113,11 @@ def _sync_dag(spec, path: Path):
         def shards(planned: dict[str, Any]) -> list[dict[str, int]]:
             return planned["shards"]
 
-        @task(task_id="push", pool=pool_name(spec), map_index_template="shard {{ job.shard }}")
-        def push(job: dict[str, int]) -> dict[str, Any]:
-            return tasks.push(str(path), name, job)
+        # retried: a push whose worker died is taken up by another worker (see tasks.push_retries)
+        @task(task_id="push", pool=pool_name(spec), map_index_template="shard {{ job.shard }}",
+              retries=tasks.push_retries(), retry_delay=dt.timedelta(seconds=tasks.push_retry_delay()))
+        def push(job: dict[str, int], **context: Any) -> dict[str, Any]:
+            return tasks.push(str(path), name, job, tasks.sender(context["ti"]))
 
         @task(task_id="finalize", trigger_rule="all_done")
         def finalize(**context: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import socket
 from typing import Any
 
 log = logging.getLogger("usersync.airflow")
@@ -30,6 +31,25 @@ def lock_retries() -> int:
 def lock_retry_delay() -> float:
     """Seconds between those tries (``USERSYNC_LOCK_RETRY_DELAY``, default 300: an hour in all)."""
     return float(os.environ.get("USERSYNC_LOCK_RETRY_DELAY", "300"))
+
+
+def push_retries() -> int:
+    """How often a push task that died is tried again (``USERSYNC_PUSH_RETRIES``, default 2): its
+    worker lost, killed, or the state database out of reach. The retry settles what the dead try
+    had in flight (at most once: in doubt, never re-sent) and sends the rest of its shard. A
+    vendor's refusal is not retried (nothing more can succeed)."""
+    return int(os.environ.get("USERSYNC_PUSH_RETRIES", "2"))
+
+
+def push_retry_delay() -> float:
+    """Seconds before that retry (``USERSYNC_PUSH_RETRY_DELAY``, default 30)."""
+    return float(os.environ.get("USERSYNC_PUSH_RETRY_DELAY", "30"))
+
+
+def sender(ti) -> tuple[str, str]:
+    """(worker, task) of a running task instance, as ``sync_batches`` records them: the hostname
+    Airflow records for it (``[core] hostname_callable``) and ``dag_id.task_id[map_index] try n``."""
+    return ti.hostname or socket.gethostname(), f"{ti.dag_id}.{ti.task_id}[{ti.map_index}] try {ti.try_number}"
 
 
 def pool_slots() -> int:
@@ -165,8 +185,9 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
             "window": [w.isoformat() if w else None for w in window] if window else None}
 
 
-def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
+def push(config_path: str, name: str, job: dict[str, int], by: tuple[str, str | None] | None = None) -> dict[str, Any]:
     """Push one shard of the staged plan; its rate is a share of the credential's limit.
+    ``by``: the (worker, task) its sync_batches rows record (see :func:`sender`).
 
     Each push task holds its own lease on the run's lock row (shared by the run's tasks):
     a worker that stalls past ``lock_timeout`` while another run takes the sync over starts
@@ -175,6 +196,8 @@ def push(config_path: str, name: str, job: dict[str, int]) -> dict[str, Any]:
     from connector.cli import superseded
 
     sync = open_sync(config_path, name)
+    if by:
+        sync.worker, sync.task = by
     try:
         r = engine.push(sync, job["run_id"], shard=job["shard"], share=share(sync, job["run_id"]))
     except state.LeaseLost as e:
