@@ -214,8 +214,8 @@ def test_once_is_not_resent_after_a_kill(tmp_path):
         assert carried and max(carried.values()) == 1, carried
         held, flagged = w.vendor.state(), w._in_doubt_users()
         for row in w.rows:  # there, or counted as applied (in flight when the run died) and flagged
-            key = w.scenario.key(row)
-            assert held.get(key, {}).get("signup_at") == w.scenario.expected(row)["signup_at"] or key in flagged
+            key = w.scenario.user_key(row)
+            assert held.get(key, {}).get("signup_at") == w.scenario.want(row)["signup_at"] or key in flagged
     finally:
         w.close()
 
