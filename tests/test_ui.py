@@ -216,8 +216,8 @@ def browse(site: Site, ctx, page) -> None:
     failing = frame.locator("#failures tr[data-user='u00003'] td")
     failing.first.wait_for()
     got = failing.all_inner_texts()
-    assert got[1:3] == ["rejected", "40001"]
-    assert got[3] == fails["u00003"]["message"] and "<script>" in got[3] and "expects long" in got[3]
+    assert got[1:4] == ["(user)", "rejected", "40001"]  # the user as a whole, not one set-aside attribute
+    assert got[4] == fails["u00003"]["message"] and "<script>" in got[4] and "expects long" in got[4]
     assert frame.locator("#failures script, #failures img").count() == 0
     batches = frame.locator("#batches tr").all_inner_texts()
     assert any("40001" in b and "<script>" in b and "rejected" in b for b in batches)
