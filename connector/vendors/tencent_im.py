@@ -489,15 +489,23 @@ class Emulator(_EmulatorBase):
             users = [{"To_Account": a, "Attrs": dict(self.attrs.get(a, {}))} for a in accounts]
         return 200, {**_ok(), "UserAttrs": users}, {}
 
-    def set_attr(self, req):
+    def _user_attrs(self, req):
+        """(the body's UserAttrs, None), or (None, the answer Tencent gives a request it refuses
+        as a whole): the same for im_set_attr and im_remove_attr."""
         if (refused := self._auth(req)) is not None:
-            return refused
+            return None, refused
         body = req.json
         users = body.get("UserAttrs") if isinstance(body, dict) else None
         if not isinstance(users, list) or not users:
-            return 200, _fail(90001, "UserAttrs must be a non-empty list"), {}
+            return None, (200, _fail(90001, "UserAttrs must be a non-empty list"), {})
         if len(users) > MAX_USERS:
-            return 200, _fail(90018, "the number of requested accounts exceeds the limit"), {}
+            return None, (200, _fail(90018, "the number of requested accounts exceeds the limit"), {})
+        return users, None
+
+    def set_attr(self, req):
+        users, refused = self._user_attrs(req)
+        if refused is not None:
+            return refused
         for u in users:
             if not isinstance(u, dict) or not isinstance(u.get("To_Account"), str) or not u["To_Account"] \
                     or not isinstance(u.get("Attrs"), dict):
@@ -519,16 +527,10 @@ class Emulator(_EmulatorBase):
                 self.attrs.setdefault(u["To_Account"], {}).update(u["Attrs"])
         return 200, {**_ok(), **({"ErrorList": errors} if errors else {})}, {}
 
-
     def remove_attr(self, req):
-        if (refused := self._auth(req)) is not None:
+        users, refused = self._user_attrs(req)
+        if refused is not None:
             return refused
-        body = req.json
-        users = body.get("UserAttrs") if isinstance(body, dict) else None
-        if not isinstance(users, list) or not users:
-            return 200, _fail(90001, "UserAttrs must be a non-empty list"), {}
-        if len(users) > MAX_USERS:
-            return 200, _fail(90018, "the number of requested accounts exceeds the limit"), {}
         for u in users:
             if not isinstance(u, dict) or not isinstance(u.get("To_Account"), str) or not u["To_Account"] \
                     or not isinstance(u.get("Attrs"), list) or not all(isinstance(n, str) for n in u["Attrs"]):
