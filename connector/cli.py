@@ -166,13 +166,13 @@ def cmd_run(args) -> int:
         print("give a sync name or --all", file=sys.stderr)
         return 2
     names = [s.name for s in cfg.syncs] if args.all else [args.sync]
-    window = (args.since, args.until) if args.since or args.until else None
+    options = engine.Options(full_refresh=args.full_refresh, dry_run=args.dry_run, window=(args.since, args.until),
+                             user_ids=args.users, allow_large_change=args.allow_large_change)
     worst = 0
     for name in names:
         progress = Progress(name)
         try:
-            summary = engine.run(cfg, name, full_refresh=args.full_refresh, dry_run=args.dry_run, window=window,
-                                 user_ids=args.users, allow_large_change=args.allow_large_change, progress=progress)
+            summary = engine.run(cfg, name, options, progress=progress)
         finally:
             progress.close()
         print(json.dumps(summary.as_json()) if args.json else summary.line(), flush=True)
@@ -183,12 +183,9 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     cfg, _ = config.load(args.config)
     sync = engine.open_sync(cfg, args.sync)
-    sync.source  # noqa: B018 - validates the columns
-    run_id = engine.begin(sync, mode="dry_run", trigger="cli:plan")
-    try:
-        p = engine.plan(sync, run_id, mode="full" if args.full_refresh else "incremental", dry_run=True)
-    finally:
-        engine.finalize(sync, run_id, status="dry_run")
+    started = engine.start(sync, engine.Options(full_refresh=args.full_refresh, dry_run=True, trigger="cli:plan"))
+    engine.finalize(sync, started.run_id, status=started.outcome)
+    p = started.plan
     print(f"{args.sync}: read {p.users_read} users; {p.users_changed} to send; {p.users_invalid} set aside; "
           f"{p.users_settled} changed in unmapped or NULL-skipped columns only")
     m = p.mapping

@@ -1,15 +1,19 @@
-"""One sync run, top-down: open -> begin -> plan -> (guard) -> push -> finalize.
+"""One sync run, top-down: :func:`start` (preflight, begin, plan, guard) -> :func:`push` -> :func:`finalize`.
 
-The CLI calls :func:`run`, which does all steps in one process. The Airflow DAG calls
-the same steps as tasks: ``begin`` + ``plan`` in one, ``push`` once per shard, then
-``finalize``. State passes between them through the sync tables, never through XCom.
+This module is the whole life of a run. The CLI calls :func:`run`, which does the three
+steps in one process; the Airflow DAG calls the same three as tasks (``start`` in the plan
+task, ``push`` once per shard of :func:`shards`, then ``finalize``). What a run is asked to
+do is one :class:`Options` for both. State passes between the steps through the sync
+tables, never through XCom.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -114,6 +118,44 @@ def upgrade_state(cfg: Config, engine: sa.Engine, sync: str | None = None) -> No
         raise ConfigError(cfg.path, str(e), sync, "state" if cfg.state else "warehouse") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a run is asked to do, whoever asks (the CLI's flags, the Airflow trigger form).
+
+    ``window``: [start, end) on the cursor (either end None: open); ``user_ids``: only these
+    users; ``allow_large_change``: override the blast-radius guard; ``trigger``: who started
+    the run, as ``sync_runs.trigger`` records it."""
+
+    full_refresh: bool = False
+    dry_run: bool = False
+    window: tuple[Any, Any] | None = None
+    user_ids: tuple[str, ...] | None = None
+    allow_large_change: bool = False
+    trigger: str = "cli"
+
+    def __post_init__(self):
+        if self.window is not None and not any(self.window):
+            object.__setattr__(self, "window", None)
+        if self.user_ids is not None:
+            object.__setattr__(self, "user_ids", tuple(str(u) for u in self.user_ids) or None)
+
+    @property
+    def mode(self) -> str:
+        """``sync_runs.mode``: dry_run / full / backfill (a window) / incremental."""
+        return "dry_run" if self.dry_run else "full" if self.full_refresh else "backfill" if self.window else "incremental"
+
+
+@dataclasses.dataclass
+class Started:
+    """A run begun and planned: ``outcome`` None when its plan is to be pushed, else the status
+    ``finalize`` records without pushing (``dry_run``, or ``blocked`` by the guard with ``error``)."""
+
+    run_id: int
+    plan: planning.Plan
+    outcome: str | None = None
+    error: str | None = None
+
+
 @dataclasses.dataclass
 class Summary:
     run_id: int
@@ -144,6 +186,53 @@ class Summary:
 
 def open_sync(cfg: Config, name: str) -> Sync:
     return Sync(cfg, cfg.sync(name))
+
+
+def preflight(sync: Sync, options: Options) -> None:
+    """Everything a run can be refused for before anything is recorded or sent: the source
+    and its columns, the vendor's credentials (not for a dry run, which sends nothing), and a
+    window only where there is a cursor to apply it to. A ConfigError naming the sync."""
+    sync.source  # noqa: B018 - the source and every configured column exist
+    if options.window and not sync.spec.cursor:
+        raise ConfigError(sync.cfg.path, "no cursor column: a date-time window (--since/--until, a backfill) "
+                          "cannot be applied", sync.spec.name, "cursor")
+    if not options.dry_run:
+        sync.client()
+
+
+def start(sync: Sync, options: Options, *, bound: bool = True, guard_override: str = "--allow-large-change",
+          progress=None) -> Started:
+    """Preflight, begin (the lock: ``state.Locked``), plan and guard. ``guard_override``: how
+    the caller's user overrides the guard, for the message of a blocked run. A plan that fails
+    finalizes its run as failed before the error propagates (a lost lock excepted: the run
+    holding the lock now settles this one)."""
+    preflight(sync, options)
+    run_id = begin(sync, mode=options.mode, trigger=options.trigger[:250], bound=bound)
+    with failing(sync, run_id):
+        p = plan(sync, run_id, mode="full" if options.full_refresh else "incremental", window=options.window,
+                 user_ids=list(options.user_ids) if options.user_ids else None, dry_run=options.dry_run,
+                 allow_large_change=options.allow_large_change, progress=progress)
+    if options.dry_run:
+        return Started(run_id, p, "dry_run")
+    if p.guard:
+        return Started(run_id, p, "blocked", f"blast-radius guard: {p.guard}; nothing sent (override: {guard_override})")
+    return Started(run_id, p)
+
+
+@contextlib.contextmanager
+def failing(sync: Sync, run_id: int) -> Iterator[None]:
+    """Record the run as failed when the block raises (a lost lock excepted: another run holds
+    the sync now, and this one records nothing more), then let the error go on."""
+    try:
+        yield
+    except state.LeaseLost:
+        raise
+    except BaseException as e:
+        try:
+            finalize(sync, run_id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        except Exception:  # the state database itself may be what failed
+            log.exception("could not record the failure of run %s", run_id)
+        raise
 
 
 def begin(sync: Sync, *, mode: str, trigger: str, bound: bool = True) -> int:
@@ -248,19 +337,35 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None, share
     return result
 
 
-def shard_share(sync: Sync, run_id: int, slots: int) -> float:
-    """One push's share of the vendor's limit when up to ``slots`` pushes of the credential run at
-    once and this run's shards are the only pushes on it: 1 / the shards still to push, and never
-    less than 1 / ``slots``.
-
-    Together they stay under the limit: at most ``slots`` pushes run, each of them on a shard
-    with rows still pending (or in flight), and those shards only decrease as the run goes, so
-    a share read earlier is never larger than one read now."""
+def shards(sync: Sync, run_id: int) -> list[int]:
+    """The shards of a run's plan that have users to push (one Airflow push task each)."""
     p = state.plan
     with sync.state.connect() as c:
-        left = c.execute(sa.select(sa.func.count(sa.distinct(p.c.shard)))
-                         .where(p.c.run_id == run_id, p.c.status.in_(("pending", "out", "sending")))).scalar()
-    return 1 / max(1, min(slots, left or 1))
+        return sorted(c.execute(sa.select(p.c.shard).distinct()
+                                .where(p.c.run_id == run_id, p.c.status == "pending")).scalars())
+
+
+def share(sync: Sync, run_id: int, slots: int, *, shared: bool) -> Callable[[], float]:
+    """One push's share of the vendor's limit, as a callable the push asks again now and then
+    (see :func:`connector.push.push`), when up to ``slots`` pushes of the credential run at once.
+
+    ``shared``: other syncs push with the same credential. Their runs are not counted here, so
+    only the fixed 1 / ``slots`` is safe with any of them running. Otherwise the pushes on the
+    credential are this run's shards only, and each takes 1 / the shards still to push, never
+    less than 1 / ``slots``: at most ``slots`` pushes run, each on a shard with rows still
+    pending (or in flight), and those shards only decrease as the run goes, so a share read
+    earlier is never larger than one read now — together they stay under the limit."""
+    if shared:
+        return lambda: 1 / slots
+
+    def now() -> float:
+        p = state.plan
+        with sync.state.connect() as c:
+            left = c.execute(sa.select(sa.func.count(sa.distinct(p.c.shard)))
+                             .where(p.c.run_id == run_id, p.c.status.in_(("pending", "out", "sending")))).scalar()
+        return 1 / max(1, min(slots, left or 1))
+
+    return now
 
 
 def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:
@@ -309,32 +414,14 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
     return s
 
 
-def run(cfg: Config, name: str, *, full_refresh: bool = False, dry_run: bool = False, window=None,
-        user_ids=None, allow_large_change: bool = False, trigger: str = "cli", progress=None) -> Summary:
+def run(cfg: Config, name: str, options: Options = Options(), *, progress=None) -> Summary:
     """The whole run in this process (the CLI's ``usersync run``)."""
     sync = open_sync(cfg, name)
-    sync.source  # noqa: B018 - validate columns before anything is recorded or sent
-    if not dry_run:
-        sync.client()  # credentials resolved before anything is recorded or sent
-    mode = "dry_run" if dry_run else "full" if full_refresh else "backfill" if window else "incremental"
-    run_id = begin(sync, mode=mode, trigger=trigger)
-    try:
-        p = plan(sync, run_id, mode="full" if full_refresh else "incremental", window=window, user_ids=user_ids,
-                 dry_run=dry_run, allow_large_change=allow_large_change, progress=progress)
-        if dry_run:
-            return finalize(sync, run_id, status="dry_run")
-        if p.guard:
-            return finalize(sync, run_id, status="blocked",
-                            error=f"blast-radius guard: {p.guard}; nothing sent (override with --allow-large-change)")
+    started = start(sync, options, progress=progress)
+    with failing(sync, started.run_id):
+        if started.outcome:
+            return finalize(sync, started.run_id, status=started.outcome, error=started.error)
         crashpoint("plan_staged")
-        push(sync, run_id, progress=progress)
+        push(sync, started.run_id, progress=progress)
         crashpoint("before_finalize")
-        return finalize(sync, run_id)
-    except state.LeaseLost:  # another run holds the sync now: this one records nothing more
-        raise
-    except BaseException as e:
-        try:
-            finalize(sync, run_id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
-        except Exception:  # the state database itself may be what failed
-            log.exception("could not record the failure of run %s", run_id)
-        raise
+        return finalize(sync, started.run_id)

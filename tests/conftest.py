@@ -160,7 +160,7 @@ def dfinery(monkeypatch):
 
 def run(cfg_path: Path, name: str, **kw: Any) -> engine.Summary:
     cfg, _ = config.load(cfg_path)
-    return engine.run(cfg, name, **kw)
+    return engine.run(cfg, name, engine.Options(**kw))
 
 
 def table(url: str, t: sa.Table, *where) -> list[dict[str, Any]]:

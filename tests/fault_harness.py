@@ -132,7 +132,7 @@ class Case:
 
     def run(self, **kw: Any) -> engine.Summary:
         cfg, _ = config.load(self.cfg_path)
-        return engine.run(cfg, self.name, **kw)
+        return engine.run(cfg, self.name, engine.Options(**kw))
 
     def rows(self, table: sa.Table) -> list[dict[str, Any]]:
         eng = state.make_engine(self.url)

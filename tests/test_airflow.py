@@ -289,6 +289,20 @@ def test_backfill_window_syncs_only_rows_inside(airflow_home, sqlite_url, tmp_pa
     assert table(sqlite_url, state.cursors) == []  # a window run does not move the cursor
 
 
+def test_a_window_on_a_sync_without_cursor_fails_the_plan_task(airflow_home, sqlite_url, tmp_path, dfinery):
+    """The plan task refuses a window on a cursorless sync as the CLI does (engine.preflight):
+    nothing recorded, nothing sent."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from connector.airflow import tasks
+
+    make_users(sqlite_url, [user_row(i) for i in range(3)])
+    cfg = str(write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url, cursor=None)]))
+    with pytest.raises(AirflowFailException, match="sync 'dfinery_users': cursor: no cursor column"):
+        tasks.plan(cfg, "dfinery_users", {"window_start": "2100-01-01T00:00:00Z"}, "manual__1", "manual", (None, None))
+    assert dfinery.emulator.log == [] and table(sqlite_url, state.runs) == []
+
+
 def test_locked_sync_fails_with_a_clear_message_and_sends_nothing(airflow_home, sqlite_url, tmp_path, monkeypatch,
                                                                   dfinery_emu):
     make_users(sqlite_url, [user_row(i) for i in range(5)])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from connector import state
-from conftest import dfinery_sync, make_users, user_row, write_config
+from conftest import dfinery_sync, make_users, table, user_row, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +71,19 @@ def test_locked_sync_refuses_with_a_clear_message(cfg, sqlite_url):
     state.acquire_lock(eng, "dfinery_users", run_id=999)
     r = cli("run", "dfinery_users", "--config", str(cfg))
     assert r.returncode == 3 and "locked by run 999" in r.stderr
+
+
+def test_a_window_on_a_sync_without_cursor_is_a_config_error(sqlite_url, dfinery, tmp_path):
+    """Without a cursor there is nothing to apply --since to: refused before anything is
+    recorded or sent (it used to read and send everyone, recorded as a backfill)."""
+    make_users(sqlite_url, [user_row(i) for i in range(3)])
+    cfg = write_config(tmp_path / "syncs.yaml", sqlite_url, [dfinery_sync(dfinery.url, cursor=None)])
+    r = cli("run", "dfinery_users", "--config", str(cfg), "--since", "2100-01-01")
+    assert r.returncode == 2, r.stderr
+    assert f"{cfg}: sync 'dfinery_users': cursor: no cursor column: a date-time window" in r.stderr
+    assert dfinery.emulator.log == [] and table(sqlite_url, state.runs) == []
+    assert cli("run", "dfinery_users", "--config", str(cfg)).returncode == 0  # without the window, it runs
+    assert len(dfinery.emulator.log) == 3
 
 
 def test_help_lists_commands_and_examples():

@@ -58,22 +58,16 @@ def pool_slots() -> int:
 
 
 def share(sync, run_id: int):
-    """This push task's share of the limit that applies to the sync as configured, as a callable
-    the push asks again now and then.
-
-    The pool (one per credential) runs at most :func:`pool_slots` pushes at once. When no other
-    sync in the file pushes with the same credential, those are shards of this run only, and
-    each takes 1 / the shards still to push (``engine.shard_share``): when a shard finishes,
-    the others take up its part, a window later. A credential shared by several syncs keeps
-    the fixed 1 / slots: the runs of other syncs are not counted here, so only that share is
-    safe with any of them running."""
+    """This push task's share of the credential's limit (``engine.share``): the pool (one per
+    credential) runs at most :func:`pool_slots` pushes at once, and the credential is shared
+    when another sync in the file maps to the same pool. When a shard finishes, the others
+    take up its part, a window later."""
     from connector import engine
     from connector.airflow.dags import pool_name
 
-    slots, mine = pool_slots(), pool_name(sync.spec)
-    if any(pool_name(s) == mine for s in sync.cfg.syncs if s.name != sync.spec.name):
-        return lambda: 1 / slots
-    return lambda: engine.shard_share(sync, run_id, slots)
+    mine = pool_name(sync.spec)
+    shared = any(pool_name(s) == mine for s in sync.cfg.syncs if s.name != sync.spec.name)
+    return engine.share(sync, run_id, pool_slots(), shared=shared)
 
 
 class SyncLocked(Exception):
@@ -130,57 +124,45 @@ def window_of(params: dict[str, Any], run_type: str, interval: tuple[Any, Any]) 
     return None
 
 
+def options(params: dict[str, Any], run_id: str, run_type: str, interval: tuple[Any, Any]):
+    """The run's ``engine.Options`` from the trigger form and the DAG run."""
+    from connector import engine
+
+    return engine.Options(full_refresh=params.get("mode") == "full", dry_run=bool(params.get("dry_run")),
+                          window=window_of(params, run_type, interval), user_ids=params.get("user_ids") or None,
+                          allow_large_change=bool(params.get("allow_large_change")), trigger=f"airflow:{run_id}")
+
+
+GUARD_OVERRIDE = "trigger again with 'Override the blast-radius guard' ticked if this change is intended"
+
+
 def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_type: str,
          interval: tuple[Any, Any]) -> dict[str, Any]:
-    """open_sync + source check + client() + begin + plan; returns the shards to push."""
-    import sqlalchemy as sa
-
+    """``engine.start``; returns the shards to push (and the outcome when there is none to push)."""
     from connector import engine, state
     from connector.config import ConfigError
 
     sync = open_sync(config_path, name)
-    dry, full = bool(params.get("dry_run")), params.get("mode") == "full"
-    window = window_of(params, run_type, interval)
-    user_ids = [str(u) for u in params.get("user_ids") or []] or None
-    if window and not sync.spec.cursor:
-        raise _fail(f"sync '{name}' has no cursor column: a date-time window cannot be applied")
-    try:
-        sync.source  # noqa: B018 - columns validated before anything is recorded or sent
-        if not dry:
-            sync.client()  # credentials resolved before anything is recorded or sent
-    except ConfigError as e:
-        raise _fail(str(e)) from None
-    mode = "dry_run" if dry else "full" if full else "backfill" if window else "incremental"
+    opts = options(params, run_id, run_type, interval)
     try:
         # not bound to this process: the lock outlives the plan task (pushes, finalize)
-        run = engine.begin(sync, mode=mode, trigger=f"airflow:{run_id}"[:250], bound=False)
+        started = engine.start(sync, opts, bound=False, guard_override=GUARD_OVERRIDE)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
     except state.Locked as e:
         raise SyncLocked(f"{e}. Another run of '{name}' is syncing; this run waits for it "
                          f"(retried up to {lock_retries()} times, {lock_retry_delay():g} s apart).") from None
-    try:
-        p = engine.plan(sync, run, mode="full" if full else "incremental", window=window, user_ids=user_ids,
-                        dry_run=dry, allow_large_change=bool(params.get("allow_large_change")))
     except state.LeaseLost as e:  # another run holds the sync now: nothing more is recorded
         raise _fail(f"planning stopped: {e}") from None
-    except BaseException as e:
-        engine.finalize(sync, run, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+    except BaseException as e:  # recorded as failed by engine.start
         raise _fail(f"planning failed: {type(e).__name__}: {e}") from e
-    outcome, error = None, None
-    if dry:
-        outcome = "dry_run"
-    elif p.guard:
-        outcome, error = "blocked", (f"blast-radius guard: {p.guard}; nothing sent (trigger again with "
-                                     f"'Override the blast-radius guard' ticked if this change is intended)")
-    shards: list[int] = []
-    if outcome is None:
-        t = state.plan
-        with sync.state.connect() as c:
-            shards = sorted(c.execute(sa.select(t.c.shard).distinct()
-                                      .where(t.c.run_id == run, t.c.status == "pending")).scalars())
+    p, run = started.plan, started.run_id
+    shards = [] if started.outcome else engine.shards(sync, run)
     log.info("run %s: read %s, changed %s, %s shard(s) to push%s", run, p.users_read, p.users_changed,
-             len(shards), f" - {error}" if error else "")
-    return {"run_id": run, "shards": [{"run_id": run, "shard": s} for s in shards], "outcome": outcome,
-            "error": error, "users_read": p.users_read, "users_changed": p.users_changed,
+             len(shards), f" - {started.error}" if started.error else "")
+    window = opts.window
+    return {"run_id": run, "shards": [{"run_id": run, "shard": s} for s in shards], "outcome": started.outcome,
+            "error": started.error, "users_read": p.users_read, "users_changed": p.users_changed,
             "mapping_change": p.mapping.describe() if p.mapping else None,
             "window": [w.isoformat() if w else None for w in window] if window else None}
 
