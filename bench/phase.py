@@ -103,11 +103,11 @@ def commit(url: str, spec: dict, workdir: str, **_) -> dict:
 
 def _commit_all(sync, run_id: int, group: int) -> float:
     spent = 0.0
-    for changes in push._pending(sync, run_id, None):
+    for changes in push.pending(sync, run_id, None):
         for i in range(0, len(changes), group):
             t0 = time.perf_counter()
             with sync.state.begin() as conn:
-                push._delivered(conn, sync, run_id, changes[i:i + group])
+                push.record_delivered(conn, sync, run_id, changes[i:i + group])
             spent += time.perf_counter() - t0
     return spent
 

@@ -1,6 +1,7 @@
 """``usersync``: run, plan and inspect syncs; serve the emulators; run the demo.
 
-A thin shell over ``connector.engine``: the Airflow tasks call the same steps.
+A thin shell over ``connector.engine``: the Airflow tasks call the same steps. The engine
+(and with it pandas) is imported by the commands that run a sync, not by ``--help``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from connector import __version__, config, engine, migrations, state
+from connector import __version__, config, db, migrations, state
 from connector.config import ConfigError
 from connector.progress import Progress
 
@@ -139,9 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                         "is newer than this release, or lost a sync table that holds what was delivered.")
     with_config(du)
     du.set_defaults(func=cmd_db_upgrade)
-    dr = dbs.add_parser("revision", help="(developers) write the next migration from connector/state.py",
+    dr = dbs.add_parser("revision", help="(developers) write the next migration from connector/state/schema.py",
                         description="From a source checkout: write connector/migrations/versions/<next>_<slug>.py "
-                        "with what the tables in connector/state.py have that a database at head lacks "
+                        "with what the tables in connector/state/schema.py have that a database at head lacks "
                         "(Alembic autogenerate). Read it and finish it by hand; then `make ddl`.")
     dr.add_argument("-m", "--message", required=True, help="what the revision changes, in a few words")
     dr.set_defaults(func=lambda a: print(migrations.revision(a.message)) or 0)
@@ -161,6 +162,8 @@ def _datetime(text: str) -> dt.datetime:
 
 
 def cmd_run(args) -> int:
+    from connector import engine
+
     cfg, _ = config.load(args.config)
     if args.all == bool(args.sync):
         print("give a sync name or --all", file=sys.stderr)
@@ -181,6 +184,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from connector import engine
+
     cfg, _ = config.load(args.config)
     sync = engine.open_sync(cfg, args.sync)
     started = engine.start(sync, engine.Options(full_refresh=args.full_refresh, dry_run=True, trigger="cli:plan"))
@@ -212,10 +217,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from connector import report
+    from connector import engine, report
 
     cfg, _ = config.load(args.config)
-    eng = state.make_engine(cfg.state_url)
+    eng = db.make_engine(cfg.state_url)
     engine.check_state(cfg, eng)  # before creating anything: a dropped table must not come back empty
     engine.upgrade_state(cfg, eng)
     rows = report.recent_runs(eng, args.sync, limit=args.runs)
@@ -246,8 +251,10 @@ def cmd_status(args) -> int:
     return 0
 
 def _state_engine(args) -> tuple[config.Config, sa.Engine]:
+    from connector import engine
+
     cfg, _ = config.load(args.config)
-    eng = state.make_engine(cfg.state_url)
+    eng = db.make_engine(cfg.state_url)
     engine.check_state(cfg, eng)  # reachable, and no delivered-snapshot table lost
     return cfg, eng
 

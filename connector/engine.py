@@ -18,8 +18,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector import __version__, connections, extract, mapping as mappings, migrations, plan as planning
+from connector import __version__, connections, db, extract, mapping as mappings, migrations, plan as planning
 from connector import push as pushing, state, vendors
+from connector.state import plans
 from connector.config import Config, ConfigError, SyncSpec
 from connector.faults import crashpoint
 
@@ -35,8 +36,8 @@ class Sync:
         self.cfg, self.spec = cfg, spec
         self.vendor_cls = vendors.get(spec.vendor.type)
         self.coercers = {a.attribute: self.vendor_cls.types[a.type.lower()] for a in spec.mapping}
-        self.warehouse = state.make_engine(cfg.warehouse)
-        self.state = self.warehouse if cfg.state_url == cfg.warehouse else state.make_engine(cfg.state_url)
+        self.warehouse = db.make_engine(cfg.warehouse)
+        self.state = self.warehouse if cfg.state_url == cfg.warehouse else db.make_engine(cfg.state_url)
         check_state(cfg, self.state, spec.name)
         upgrade_state(cfg, self.state, spec.name)
         self._source: sa.FromClause | None = None
@@ -246,7 +247,7 @@ def begin(sync: Sync, *, mode: str, trigger: str, bound: bool = True) -> int:
         taken = state.acquire_lock(sync.state, sync.spec.name, run_id, stale_after=sync.spec.lock_timeout,
                                    bound=bound)
     except state.Locked as e:
-        state.update_run(sync.state, run_id, status="skipped", finished_at=state.now(), error=str(e))
+        state.update_run(sync.state, run_id, status="skipped", finished_at=db.now(), error=str(e))
         raise
     if taken:
         log.warning("took over the lock of run %s (presumed dead); what it left in flight is settled", taken)
@@ -254,20 +255,13 @@ def begin(sync: Sync, *, mode: str, trigger: str, bound: bool = True) -> int:
     return run_id
 
 
-FINALIZED = ("success", "partial", "failed", "blocked", "skipped")  # statuses whose runs left no plan rows
-
-
 def _clear_dead_runs(sync: Sync, run_id: int) -> None:
-    """With the lock held, any other run's plan rows are a dead run's: settle what it had in
-    flight (at most once), then drop them — the new plan starts from the snapshot.
-    A finalized run deleted its own rows when it recorded its status (a dry run excepted), so
-    only the others are looked at (not the deleted rows of every run since the last VACUUM)."""
-    r = state.runs
-    others = state.plan.c.run_id.in_(sa.select(r.c.run_id).where(
-        r.c.sync == sync.spec.name, r.c.run_id != run_id, r.c.status.notin_(FINALIZED)))
+    """With the lock held, any other unfinished run's plan rows are a dead run's: settle what
+    it had in flight (at most once), then drop them — the new plan starts from the snapshot."""
+    dead = plans.dead_runs(sync.spec.name, run_id)
     with state.fenced(sync.state, sync.spec.name, run_id) as c:
-        pushing.settle_in_doubt(sync, c, others)
-        c.execute(state.plan.delete().where(others))
+        pushing.settle_in_doubt(sync, c, dead)
+        plans.drop(c, dead)
 
 
 def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, user_ids=None,
@@ -293,11 +287,11 @@ def plan(sync: Sync, run_id: int, *, mode: str = "incremental", window=None, use
         p.guard = None
     advance = mode in ("incremental", "full") and not window and not user_ids and p.watermark is not None
     with state.fenced(sync.state, sync.spec.name, run_id) as c:
-        c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
-            users_read=p.users_read, users_changed=p.users_changed, users_rejected=p.users_invalid,
+        state.record_run(
+            c, run_id, users_read=p.users_read, users_changed=p.users_changed, users_rejected=p.users_invalid,
             watermark_from=state.show_watermark(since),
             watermark_to=state.encode_watermark(p.watermark) if advance else None,
-            mapping_change=state.dumps(change.as_json()) if backfill else None))
+            mapping_change=db.dumps(change.as_json()) if backfill else None)
     return p
 
 
@@ -322,15 +316,12 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None, share
     or committed (its ``requests``/``delivered`` say what this push did)."""
     name = sync.spec.name
     with state.fenced(sync.state, name, run_id) as c:  # a retried push task: what its dead attempt left
-        pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id,
-                                *([state.plan.c.shard == shard] if shard is not None else []), resend=True)
+        pushing.settle_in_doubt(sync, c, *plans.of_run(run_id, shard), resend=True)
     result = pushing.push(sync, run_id, shard, progress, share)
     try:
         with state.fenced(sync.state, name, run_id) as c:
-            c.execute(state.runs.update().where(state.runs.c.run_id == run_id)
-                      .values(requests=state.runs.c.requests + result.requests))
-            if result.stopped:
-                c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(error=result.stopped))
+            state.record_run(c, run_id, requests=state.runs.c.requests + result.requests,
+                             **({"error": result.stopped} if result.stopped else {}))
     except state.LeaseLost as e:
         e.requests, e.delivered = result.requests, result.delivered
         raise
@@ -339,10 +330,7 @@ def push(sync: Sync, run_id: int, shard: int | None = None, progress=None, share
 
 def shards(sync: Sync, run_id: int) -> list[int]:
     """The shards of a run's plan that have users to push (one Airflow push task each)."""
-    p = state.plan
-    with sync.state.connect() as c:
-        return sorted(c.execute(sa.select(p.c.shard).distinct()
-                                .where(p.c.run_id == run_id, p.c.status == "pending")).scalars())
+    return plans.shards(sync.state, run_id)
 
 
 def share(sync: Sync, run_id: int, slots: int, *, shared: bool) -> Callable[[], float]:
@@ -357,30 +345,19 @@ def share(sync: Sync, run_id: int, slots: int, *, shared: bool) -> Callable[[], 
     earlier is never larger than one read now — together they stay under the limit."""
     if shared:
         return lambda: 1 / slots
-
-    def now() -> float:
-        p = state.plan
-        with sync.state.connect() as c:
-            left = c.execute(sa.select(sa.func.count(sa.distinct(p.c.shard)))
-                             .where(p.c.run_id == run_id, p.c.status.in_(("pending", "out", "sending")))).scalar()
-        return 1 / max(1, min(slots, left or 1))
-
-    return now
+    return lambda: 1 / max(1, min(slots, len(plans.shards(sync.state, run_id, plans.UNSENT))))
 
 
 def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str | None = None) -> Summary:
     """Count outcomes from the sync tables, decide the status, advance the cursor, unlock.
     Fenced: a run whose lock was taken over records nothing (``state.LeaseLost``)."""
     with state.fenced(sync.state, sync.spec.name, run_id) as c:  # interrupted mid-push: what may have left
-        pushing.settle_in_doubt(sync, c, state.plan.c.run_id == run_id)
+        pushing.settle_in_doubt(sync, c, *plans.of_run(run_id))
     run = state.get_run(sync.state, run_id)
-    counts = planning.staged_counts(sync, run_id)
-    f = state.failures
+    counts = plans.counts(sync.state, run_id)
     with sync.state.connect() as c:
-        by_class = dict(c.execute(sa.select(f.c.error_class, sa.func.count()).where(
-            f.c.sync == sync.spec.name, f.c.run_id == run_id, f.c.error_class.in_(["rejected", "retryable", "in_doubt"]))
-            .group_by(f.c.error_class)).all())
-    pending = 0 if status == "dry_run" else counts.get("pending", 0)  # a dry run's plan stays, unsent
+        by_class = state.count_by_class(c, sync.spec.name, run_id, ("rejected", "retryable", "in_doubt"))
+    pending = 0 if status == "dry_run" else counts.get(plans.PENDING, 0)  # a dry run's plan stays, unsent
     s = Summary(run_id, sync.spec.name, sync.spec.vendor.type, "running", run["users_read"], run["users_changed"],
                 counts.get("delivered", 0), run["users_rejected"] + by_class.get("rejected", 0),
                 by_class.get("retryable", 0) + by_class.get("in_doubt", 0) + pending,
@@ -404,12 +381,11 @@ def finalize(sync: Sync, run_id: int, *, status: str | None = None, error: str |
         if status in ("success", "partial") and run["mapping_change"]:
             # every planned user is now delivered or kept in sync_failures (re-read and re-diffed
             # each run): from here on the snapshot holds this mapping's values
-            state.remember_mapping(c, sync.spec.name, run_id, state.loads(run["mapping_change"])["mapping"])
-        c.execute(state.runs.update().where(state.runs.c.run_id == run_id).values(
-            status=status, finished_at=state.now(), users_delivered=s.users_delivered,
-            users_rejected=s.users_rejected, users_failed=s.users_failed, error=s.error))
+            state.remember_mapping(c, sync.spec.name, run_id, db.loads(run["mapping_change"])["mapping"])
+        state.record_run(c, run_id, status=status, finished_at=db.now(), users_delivered=s.users_delivered,
+                         users_rejected=s.users_rejected, users_failed=s.users_failed, error=s.error)
         if status != "dry_run":
-            c.execute(state.plan.delete().where(state.plan.c.run_id == run_id))
+            plans.drop(c, *plans.of_run(run_id))
     state.release_lock(sync.state, sync.spec.name, run_id)
     return s
 

@@ -21,7 +21,7 @@ from pandas._libs import lib  # read_sql's own row-to-column conversion
 from pandas.core.internals.construction import convert_object_array
 from sqlalchemy.engine import Engine
 
-from connector import rowhash, state
+from connector import db, rowhash
 from connector.config import Config, SyncSpec
 
 
@@ -115,7 +115,7 @@ def ahead(chunks: Iterator[T], engine: Engine) -> Iterator[T]:
     overlap. The iterator is only ever advanced (and closed) on that one thread, so the
     connection it holds stays on the thread that opened it.
     """
-    if not state.threads_share(engine):
+    if not db.threads_share(engine):
         yield from chunks
         return
     with ThreadPoolExecutor(1, thread_name_prefix="usersync-read") as pool:
@@ -147,9 +147,8 @@ _DRIVER_CURSORS = {("sqlite", "pysqlite"), ("postgresql", "psycopg2"), ("postgre
 
 def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.DataFrame]:
     """``_chunks`` of a few columns, from the driver's own (server-side on PostgreSQL) cursor:
-    at two or three columns, SQLAlchemy's rows and pandas' parsing of them are a third of the
-    work (1M users' identities and row hashes on SQLite: 3.0-3.2 s, 4.4-4.6 s by ``_chunks``).
-    Each column's type still converts its values."""
+    at two or three columns, SQLAlchemy's rows and pandas' parsing of them would be a large
+    part of the work. Each column's type still converts its values."""
     dialect = engine.dialect
     cols = list(query.selected_columns)
     convert = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in cols]
@@ -158,7 +157,7 @@ def _driver_chunks(engine: Engine, query: sa.Select, size: int) -> Iterator[pd.D
         raw = conn.connection
         cursor = raw.cursor(name="usersync_scan") if dialect.name == "postgresql" else raw.cursor()
         with contextlib.closing(cursor):
-            state.driver_execute(conn, cursor, query)
+            db.driver_execute(conn, cursor, query)
             while rows := cursor.fetchmany(size):
                 content = []
                 for i, f in enumerate(convert):

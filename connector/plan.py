@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from connector import extract, mapping as mappings, rowhash, state
+from connector import db, extract, mapping as mappings, rowhash, state
+from connector.state import plans
 from connector.coerce import _is_text, decode_column
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
@@ -163,7 +164,7 @@ def _first_pass(sync, plan: Plan, hashes: Snapshot, seen: KeySet, duplicates: se
 
 def _watermark(plan: Plan, spec, frame: pd.DataFrame) -> None:
     if spec.cursor and not frame.attrs.get("retry") and frame[spec.cursor].notna().any():
-        top = state.plain(frame[spec.cursor].dropna().max())
+        top = db.plain(frame[spec.cursor].dropna().max())
         plan.watermark = top if plan.watermark is None else max(plan.watermark, top)
 
 
@@ -176,7 +177,7 @@ def _with_failures(sync, chunks, seen: KeySet, retry: bool):
     if not identities:
         return
     cols = list(sync.spec.identity_columns.values())
-    read = seen.contains(digest(np.array([_key_of(tuple(i[c] for c in cols)) for i in identities], dtype=object)))
+    read = seen.contains(digest(np.array([key_of(tuple(i[c] for c in cols)) for i in identities], dtype=object)))
     todo = [i for i, done in zip(identities, read) if not done]
     for frame in extract.read(sync.warehouse, sync.source, sync.spec, identities=todo):
         frame.attrs["retry"] = True
@@ -216,7 +217,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
 
     # second pass: attribute by attribute against the last delivered payload
     old = hashes.payloads(cand.index[known])
-    staged, settled, dumps, rules = [], [], state.dumps, _rules(sync)
+    staged, settled, dumps, rules = [], [], db.dumps, _rules(sync)
     change_of_mapping = plan.mapping
     strict = change_of_mapping.strict if change_of_mapping else frozenset()
     src_ids = frame.loc[cand.index, list(id_cols.values())]
@@ -224,7 +225,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
     decoded = zip(*(decode_column(sync.coercers[n], cand[n]) for n in names)) if len(cand) else ()
     for key, row, h, ident_row in zip(cand.index, (dict(zip(names, values)) for values in decoded),
                                       row_hash_kept, src_ids.itertuples(index=False)):
-        before = state.loads(old[key]) if key in old else None
+        before = db.loads(old[key]) if key in old else None
         if aside and key in aside:
             row.update(dict.fromkeys(aside[key], SET_ASIDE))
         unset = []
@@ -237,7 +238,7 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             nulled += [a for a, _, _ in unset]
         if nulled:
             plan.nulled.update(nulled)
-        ident_values = [v if type(v) is str else _identity_value(v) for v in ident_row]
+        ident_values = [v if type(v) is str else identity_value(v) for v in ident_row]
         identity, source_identity = dict(zip(id_cols, ident_values)), dict(zip(id_cols.values(), ident_values))
         if not ops:
             settled.append((key, payload, int(h)))
@@ -255,9 +256,9 @@ def _plan_chunk(sync, plan: Plan, frame: pd.DataFrame, hashes: Snapshot, seen: K
             plan.per_attribute[attr] += 1
         if len(plan.samples) < 5:
             plan.samples.append(change)
-        staged.append((plan.run_id, key, zlib.crc32(key.encode()) % spec.shards, dumps(identity),
-                       dumps(source_identity), dumps(ops), dumps(payload),  # an Op is written as its value
-                       int(h), "pending"))
+        staged.append(plans.PlanRow(plan.run_id, key, zlib.crc32(key.encode()) % spec.shards, dumps(identity),
+                                    dumps(source_identity), dumps(ops), dumps(payload),  # an Op as its value
+                                    int(h)))
     plan.users_settled += len(settled)
     with contextlib.ExitStack() as tx:  # written only while this run holds the lock (fenced)
         c = tx.enter_context(state.fenced(sync.state, spec.name, plan.run_id)) if stage or keep_plan else None
@@ -383,7 +384,7 @@ class Sorted:
         hi, lo, n = digests[:, 0], digests[:, 1], len(self.hi)
         if not n:
             return np.zeros(len(hi), dtype=np.intp), np.zeros(len(hi), dtype=bool)
-        order = np.argsort(hi)  # searched in order, each search starts where the last ended: 2x faster
+        order = np.argsort(hi)  # searched in order, each search starts where the last ended
         first = np.empty(len(hi), dtype=np.intp)
         first[order] = np.searchsorted(self.hi, hi[order])
         pos = np.minimum(first, n - 1)
@@ -439,7 +440,7 @@ class Snapshot:
         self.fetched: dict[str, tuple[int, str]] = {}  # the last keys asked for one by one: hash, payload
         self.size: int | Future[int]
         self.loading: Future[Sorted] | None = None
-        if state.threads_share(engine):  # the count (and the load) run beside the first chunk's read
+        if db.threads_share(engine):  # the count (and the load) run beside the first chunk's read
             pool = ThreadPoolExecutor(2, thread_name_prefix="usersync-snapshot")
             self.size = pool.submit(self._count)
             self.loading = pool.submit(self._load) if whole else None
@@ -511,7 +512,7 @@ def _ops(rules: list[tuple[str, str, str]], row: dict[str, Any], before: dict[st
         # unchanged: no rule sends anything (most attributes of a changed user); an unknown
         # vendor value (state.UNKNOWN: a send was never confirmed) equals no value, so it goes again;
         # an attribute the mapping changed (``strict``) compares by its wire text (True vs 1)
-        same = new == old and (not strict or name not in strict or state.dumps(new) == state.dumps(old))
+        same = new == old and (not strict or name not in strict or db.dumps(new) == db.dumps(old))
         if same and not full:
             continue
         if new is None:
@@ -569,10 +570,7 @@ def _reject_duplicates(sync, plan: Plan, duplicates: set[str]) -> None:
     """Users whose identity appears more than once: none of their rows is trusted."""
     keys = sorted(duplicates)
     with state.fenced(sync.state, sync.spec.name, plan.run_id) as c:
-        for chunk in state.chunked(keys, 500):
-            res = c.execute(state.plan.delete().where(state.plan.c.run_id == plan.run_id,
-                                                      state.plan.c.user_key.in_(chunk)))
-            plan.users_changed -= res.rowcount
+        plan.users_changed -= plans.drop_keys(c, plan.run_id, keys)
         prior = state.open_failures(c, sync.spec.name, keys)
         new = [k for k in keys if prior.get(k, {}).get(state.WHOLE, (None,))[0] != "invalid"]
         # no identity kept: the rows are re-read only when they change (and so pass the cursor)
@@ -608,7 +606,7 @@ def _key_part(v: Any) -> Any:
     return str(v).strip()
 
 
-def _key_of(values: tuple) -> str:
+def key_of(values: tuple) -> str:
     return "|".join(_key_part(v) or "" for v in values)
 
 
@@ -619,22 +617,15 @@ def _identities(spec, user_ids: list[str]) -> list[dict[str, Any]]:
 
 def _source_identity(frame: pd.DataFrame, key: str, id_cols: dict[str, str]) -> dict[str, Any]:
     row = frame.loc[key]
-    return {c: _identity_value(row[c]) for c in id_cols.values()}
+    return {c: identity_value(row[c]) for c in id_cols.values()}
 
 
-def _identity_value(v: Any) -> Any:
+def identity_value(v: Any) -> Any:
     """An identity value as its JSON keeps it: a datetime as its ``str()``, the text its user
     key was built from (JSON's own ISO form would not match that key when re-read)."""
-    v = state.plain(v)
+    v = db.plain(v)
     return str(v) if isinstance(v, dt.datetime) else v
 
 
 def _row_text(row: pd.Series, cols) -> str:
     return json.dumps({c: str(row[c]) for c in cols}, ensure_ascii=False)
-
-
-def staged_counts(sync, run_id: int) -> dict[str, int]:
-    with sync.state.connect() as c:
-        rows = c.execute(sa.select(state.plan.c.status, sa.func.count()).where(state.plan.c.run_id == run_id)
-                         .group_by(state.plan.c.status))
-        return {s: n for s, n in rows}

@@ -27,8 +27,6 @@ exactly what the ``out`` and ``sending`` rows name for the new holder.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gc
 import itertools
 import json
 import logging
@@ -44,17 +42,17 @@ import msgspec
 import requests
 import sqlalchemy as sa
 
-from connector import state
+from connector import db, state
 from connector.faults import crashpoint
+from connector.state import plans
 from connector.transport import MAX_SENDERS, RateLimiter, Senders, Transport
 from connector.vendors.base import Change, Kind, Op, Verdict, configured_limit, transport_verdict
 
 log = logging.getLogger("usersync.push")
 READ_CHUNK = 1000  # plan rows read at a time, while the previous ones' requests are out
 # batches handed to the senders, per sender at work (in flight or next): while this thread reads the
-# plan or waits on a commit (at times 0.1-0.2 s when the disk is busy), they keep sending.
-# With two a sender, Tencent's 8 senders ran dry after the longer commits: 0.955-0.967 of its
-# limit against 0.969-0.970 with four, the disk under load.
+# plan or waits on a commit (which takes a while when the disk is busy), they keep sending; with
+# fewer, the fastest vendor's senders ran dry after the longer commits (bench/results.md)
 AHEAD = 4
 
 
@@ -68,7 +66,7 @@ class PushResult:
 
 
 @dataclasses.dataclass
-class _Job:
+class Job:
     batch: list[Change]
     attempts: int = 0
     not_before: float = 0.0
@@ -77,8 +75,8 @@ class _Job:
 
 
 @dataclasses.dataclass
-class _Sent:
-    job: _Job
+class Sent:
+    job: Job
     verdict: Verdict | None  # None: not sent (the run was stopped)
     attempts: int
     http_status: int | None = None
@@ -86,6 +84,30 @@ class _Sent:
     sent_at: object = None
     applied: frozenset[str] = frozenset()  # attributes of the parts acknowledged before a failure
     failing: frozenset[str] | None = None  # attributes of the part that failed (None: all)
+
+
+@dataclasses.dataclass
+class _Push:
+    """What one push's threads share: the vendor client and transport, the limiter and the
+    senders' count, the lease and ``stop`` (set: no sender starts a request any more), the
+    writes waiting for the next commit (written by the calling thread alone) and the result."""
+
+    sync: Any
+    run_id: int
+    shard: int | None  # None: every shard (the CLI's push)
+    vendor: Any
+    transport: Transport
+    limiter: RateLimiter
+    senders: Senders
+    lease: state.Lease
+    stop: threading.Event
+    writes: Writes
+    result: PushResult = dataclasses.field(default_factory=PushResult)
+    progress: Any = None
+
+    @property
+    def cfg(self):
+        return self.sync.spec.vendor
 
 
 def push(sync, run_id: int, shard: int | None = None, progress=None, share=None) -> PushResult:
@@ -101,27 +123,24 @@ def push(sync, run_id: int, shard: int | None = None, progress=None, share=None)
     transport = Transport(concurrency=maximum, timeout=cfg.timeout, verify=cfg.verify_tls,
                           user_agent=f"usersync/{sync.version}")
     limiter = pacing(sync, share() if share else 1.0)
-    senders = Senders(limiter, maximum)
-    result = PushResult()
     stop = threading.Event()
-    lease = state.Lease(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout, stop)
-    feed = _Feed(sync, run_id, shard, vendor, transport, lease)
+    ctx = _Push(sync, run_id, shard, vendor, transport, limiter, Senders(limiter, maximum),
+                state.Lease(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout, stop), stop,
+                # a delivery clears the failure rows of only those users who had one when the push began
+                Writes(sync, run_id, shard or 0, state.failure_keys(sync.state, sync.spec.name)), progress=progress)
     keeper = threading.Thread(target=_keep_share, args=(limiter, share, stop), daemon=True) if share else None
     try:
         if keeper:
             keeper.start()
         with ThreadPoolExecutor(maximum, thread_name_prefix="push") as pool:
             try:
-                _drain(sync, run_id, shard or 0, vendor, transport, limiter, pool, feed, stop, lease, senders,
-                       result, progress)
+                _drain(ctx, pool, _Feed(ctx))
             finally:
                 stop.set()  # whatever ended the push (a lost lock, an error), the senders start nothing more
     finally:
         stop.set()
-        if feed.frozen:
-            gc.unfreeze()
         transport.close()
-    return result
+    return ctx.result
 
 
 def pacing(sync, share: float = 1.0) -> RateLimiter:
@@ -154,26 +173,13 @@ def _keep_share(limiter: RateLimiter, share, stop: threading.Event) -> None:
 
 class _Feed:
     """The pending plan as jobs, read a chunk at a time as the queue runs low — while the
-    previous chunk's requests are still out, so reading never leaves the vendor idle.
+    previous chunk's requests are still out, so reading never leaves the vendor idle."""
 
-    A long push (a first chunk that is full) keeps what is alive out of the cyclic
-    collector's sight until it ends (``gc.unfreeze``): the objects from before the push
-    (modules, the plan's leftovers) once, after collecting the garbage so nothing already dead
-    waits for the end; then each chunk's users once they are queued (``gc.freeze`` is a list
-    splice, not a walk). Those users live until their requests are answered, long enough to
-    be promoted and walked again and again by the older generations' collections, which hold
-    the GIL the senders need: at Tencent's 10,000 users a second, 0.49 s of collections in an
-    8 s push, the full ones ~23 ms each (0.19 s in all with every chunk frozen). Reference
-    counting still frees them as before; only a reference cycle alive at a freeze waits for
-    the end of the push.
-    """
-
-    def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport, lease=None):
-        self.sync, self.vendor, self.transport = sync, vendor, transport
-        self.run_id, self.lease = run_id, lease
-        self.chunks = _pending(sync, run_id, shard, lease)
-        self.jobs: deque[_Job] = deque()
-        self.more, self.prepared, self.frozen = True, False, False
+    def __init__(self, ctx: _Push):
+        self.ctx = ctx
+        self.chunks = pending(ctx.sync, ctx.run_id, ctx.shard, ctx.lease)
+        self.jobs: deque[Job] = deque()
+        self.more, self.prepared = True, False
 
     def fill(self) -> bool:
         """Queue the next chunk's batches; False when the plan has no more."""
@@ -183,45 +189,33 @@ class _Feed:
         if changes is None:
             self.more = False
             return False
+        ctx = self.ctx
         if not self.prepared:  # only when there is something to send: no change, no request
             try:
-                self.vendor.prepare(self.transport.session, self.sync.spec)
+                ctx.vendor.prepare(ctx.transport.session, ctx.sync.spec)
             except BaseException:  # refused before any of the chunk could leave: not out after all
-                if self.lease is not None:
-                    with self.lease.begin() as conn:
-                        _mark(conn, self.run_id, [c.key for c in changes], "pending")
+                with ctx.lease.begin() as conn:
+                    plans.mark(conn, ctx.run_id, [c.key for c in changes], plans.PENDING)
                 raise
             self.prepared = True
-            if len(changes) == READ_CHUNK:  # a long push, nothing in flight yet
-                gc.collect()
-                self.frozen = True
-        self.jobs.extend(_Job(b) for b in self.vendor.batches(changes))
-        if self.frozen:
-            gc.freeze()
+        self.jobs.extend(Job(b) for b in ctx.vendor.batches(changes))
         return True
 
 
 _p = state.plan
 _COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.ops)  # the rest stays in the plan (see state.snapshot_from_plan)
+OUT = plans.OUT
 
 
-OUT = "out"  # handed to the senders: a request carrying these users may have left
-
-
-def _pending(sync, run_id: int, shard: int | None, lease=None):
+def pending(sync, run_id: int, shard: int | None, lease=None):
     """Pending plan rows, a chunk at a time, as Changes (ordered by key for resumability).
 
-    With ``lease`` (a push), the chunk's rows are marked ``out`` in the transaction that reads
-    them, fenced: one statement a chunk (a key range), before any of them can be sent."""
+    With ``lease`` (a push), the chunk's rows are marked ``out`` in the fenced transaction that
+    reads them (``plans.take``), before any of them can be sent."""
     last = ""
-    mine = [_p.c.run_id == run_id, _p.c.status == "pending"] + ([_p.c.shard == shard] if shard is not None else [])
     while True:
         with lease.begin() if lease else sync.state.connect() as c:
-            rows = c.execute(sa.select(*_COLUMNS).where(*mine, _p.c.user_key > last)
-                             .order_by(_p.c.user_key).limit(READ_CHUNK)).all()
-            if rows and lease:
-                c.execute(_p.update().where(*mine, _p.c.user_key > last, _p.c.user_key <= rows[-1][0])
-                          .values(status=OUT))
+            rows = plans.take(c, run_id, shard, last, READ_CHUNK, _COLUMNS, out=lease is not None)
         if not rows:
             return
         yield _load(rows)
@@ -230,8 +224,8 @@ def _pending(sync, run_id: int, shard: int | None, lease=None):
 
 _first = operator.itemgetter(0)
 # A chunk's identities and ops are decoded in one call each, straight into what a Change
-# holds (tuples, Op members): at Tencent's limit that is 10,000 users a second, and json
-# plus a loop over the ops cost three times as much, under the GIL the senders need.
+# holds (tuples, Op members): json plus a loop over the ops costs several times as much, under
+# the GIL the senders need, at the fastest vendor's rate of users.
 _IDENTITIES = msgspec.json.Decoder(list[dict[str, Any]])
 _OPSS = msgspec.json.Decoder(list[tuple[tuple[str, Op, Any], ...]])
 
@@ -268,42 +262,39 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
     instead: this push sends them again, as planned. ``where`` narrows the rows (a run, a
     shard, the sync's other runs).
     """
-    rows = conn.execute(sa.select(_p.c.run_id, _p.c.status, _p.c.in_flight, *_COLUMNS)
-                        .where(_p.c.status.in_(["sending", OUT]), *where)
-                        .order_by(_p.c.run_id, _p.c.status, _p.c.in_flight, _p.c.user_key)).all()
+    rows = plans.in_flight(conn, _COLUMNS, *where)
     # one group per run and status (and, while sending, per attributes in flight)
     for (run_id, status, in_flight), group in itertools.groupby(
-            rows, key=lambda r: (r[0], r[1], r[2] if r[1] == "sending" else None)):
+            rows, key=lambda r: (r[0], r[1], r[2] if r[1] == plans.SENDING else None)):
         changes = _load([r[3:] for r in group])
         keys = [c.key for c in changes]
         if status == OUT and resend:
-            _mark(conn, run_id, keys, "pending")
+            plans.mark(conn, run_id, keys, plans.PENDING)
             continue
-        flight = frozenset(json.loads(in_flight)) if status == "sending" and in_flight else None
+        flight = frozenset(json.loads(in_flight)) if status == plans.SENDING and in_flight else None
         entries = []
         for c in changes:
-            applied = {a for a, op, _ in c.ops if not op.idempotent and status == "sending"
+            applied = {a for a, op, _ in c.ops if not op.idempotent and status == plans.SENDING
                        and (flight is None or a in flight)}
             cls, code, why = ("in_doubt", "in_doubt", IN_DOUBT) if applied else ("retryable", "unconfirmed", UNCONFIRMED)
             entries.append((c, cls, code, why, applied, {a for a, op, _ in c.ops if op.idempotent}))
         who = ", ".join(keys[:50]) + (f" and {len(keys) - 50} more" if len(keys) > 50 else "")
-        outcome, why = ("in_doubt", IN_DOUBT) if status == "sending" else ("unconfirmed", UNCONFIRMED)
-        _batch_row(conn, sync, run_id, 0, _Sent(_Job(changes), Verdict(Kind.RETRY, outcome, f"{why}: {who}"), 0),
-                   outcome)
+        outcome, why = ("in_doubt", IN_DOUBT) if status == plans.SENDING else ("unconfirmed", UNCONFIRMED)
+        conn.execute(state.batches.insert().values(**_batch_values(
+            sync, run_id, 0, Sent(Job(changes), Verdict(Kind.RETRY, outcome, f"{why}: {who}"), 0), outcome)))
         _settle(conn, sync, run_id, entries)
         log.warning("run %s: %d user(s) were %s when it stopped; their set attributes are re-sent next run%s",
-                    run_id, len(changes), "in flight" if status == "sending" else "handed to its senders",
-                    ", their increments/appends/once count as applied (at most once)" if status == "sending" else "")
+                    run_id, len(changes), "in flight" if status == plans.SENDING else "handed to its senders",
+                    ", their increments/appends/once count as applied (at most once)" if status == plans.SENDING else "")
     return len(rows)
 
 
-def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, stop, lease: state.Lease, senders: Senders,
-           result, progress):
+def _drain(ctx: _Push, pool: ThreadPoolExecutor, feed: _Feed) -> None:
     inflight: set[Future] = set()
     try:
-        _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, senders, result, progress,
-              inflight)
+        _loop(ctx, pool, feed, inflight)
     except state.LeaseLost as e:  # stop is set: the senders start nothing more; what is on the wire completes
+        result = ctx.result
         for fut in inflight:
             sent = fut.result()
             result.requests += sent.attempts - sent.job.attempts
@@ -313,27 +304,21 @@ def _drain(sync, run_id, shard, vendor, transport, limiter, pool, feed: _Feed, s
         raise
 
 
-def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lease, senders, result, progress,
-          inflight: set[Future]):
-    cfg = sync.spec.vendor
-    jobs = feed.jobs
-    intend = functools.partial(_intend, sync, run_id, lease)
-    failed_before = state.failure_keys(sync.state, sync.spec.name)  # a delivery clears only theirs
-    writes = _Writes(sync, run_id, shard, failed_before)
+def _loop(ctx: _Push, pool: ThreadPoolExecutor, feed: _Feed, inflight: set[Future]) -> None:
+    jobs, lease, stop, result = feed.jobs, ctx.lease, ctx.stop, ctx.result
     lease.keep()  # proved once before the first request
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
-        limit = senders.limit * AHEAD if result.requests else 1
+        limit = ctx.senders.limit * AHEAD if result.requests else 1
         while len(jobs) < limit and not stop.is_set() and feed.fill():
             pass
         while jobs and len(inflight) < limit and not stop.is_set():
-            inflight.add(pool.submit(senders.run, _send, jobs.popleft(), vendor, transport, limiter, stop, lease,
-                                     cfg, intend))
+            inflight.add(pool.submit(ctx.senders.run, _send, ctx, jobs.popleft()))
         if not inflight:
             break
-        due = writes.due()  # and the lease's renewal: the senders wait for it once it lapses
+        due = ctx.writes.due()  # and the lease's renewal: the senders wait for it once it lapses
         done, _ = wait(inflight, timeout=min(lease.renew_in(), due if due is not None else float("inf")),
-                             return_when=FIRST_COMPLETED)
+                       return_when=FIRST_COMPLETED)
         inflight -= done
         if lease.lost:  # a sender's intent found the lock gone
             raise lease.lost
@@ -341,55 +326,51 @@ def _loop(sync, run_id, shard, vendor, transport, limiter, pool, feed, stop, lea
             crashpoint("vendor_answered")
         for fut in done:
             sent = fut.result()
-            senders.observe()
+            ctx.senders.observe()
             result.requests += sent.attempts - sent.job.attempts
-            _record(sent, writes, jobs, stop, result, cfg.max_attempts)
-        if writes.urgent or not inflight or writes.due() == 0:
+            record(sent, ctx.writes, jobs, stop, result, ctx.cfg.max_attempts)
+        if ctx.writes.urgent or not inflight or ctx.writes.due() == 0:
             with lease.begin() as conn:  # fenced: commits only while this run holds the lock
-                writes.flush(conn)
+                ctx.writes.flush(conn)
             crashpoint("after_commit")
-            writes = _Writes(sync, run_id, shard, failed_before)
-        if progress:
-            progress.update(requests=result.requests, delivered=result.delivered,
-                            failed=result.failed + result.rejected)
+            ctx.writes = ctx.writes.fresh()
+        if ctx.progress:
+            ctx.progress.update(requests=result.requests, delivered=result.delivered,
+                                failed=result.failed + result.rejected)
         lease.keep()
     if lease.lost:
         raise lease.lost
     if jobs:  # stopped (the vendor refused the run): what never went to a sender was not sent
         with lease.begin() as conn:
-            _mark(conn, run_id, [c.key for job in jobs for c in job.batch], "pending")
+            plans.mark(conn, ctx.run_id, [c.key for job in jobs for c in job.batch], plans.PENDING)
 
 
-def _intend(sync, run_id: int, lease: state.Lease, batch: list[Change], attributes: frozenset[str]) -> bool:
+def _intend(ctx: _Push, batch: list[Change], attributes: frozenset[str]) -> bool:
     """Write-ahead intent, just before a request with non-idempotent ops goes: from now on
     the vendor may apply ``attributes``, so a run that dies before recording the answer leaves
     these users ``sending`` — settled at most once (:func:`settle_in_doubt`), never re-sent.
     Fenced: False (and the run stopping) when the lock is gone — its rows may be another
     run's to settle already, so the request must not go."""
     try:
-        with lease.begin() as conn:
-            for chunk in state.chunked([c.key for c in batch if not c.idempotent], 500):
-                conn.execute(_p.update().where(_p.c.run_id == run_id, _p.c.user_key.in_(chunk))
-                             .values(status="sending", in_flight=state.dumps(sorted(attributes))))
+        with ctx.lease.begin() as conn:
+            plans.intend(conn, ctx.run_id, [c.key for c in batch if not c.idempotent], attributes)
     except state.LeaseLost:
         return False
     return True
 
 
-def _send(job: _Job, vendor, transport: Transport, limiter: RateLimiter, stop: threading.Event, lease, cfg,
-          intend) -> _Sent:
+def _send(ctx: _Push, job: Job) -> Sent:
     """Send one batch (its parts in order), retrying whole-request transient failures in place."""
     delay = job.not_before - time.monotonic()
     if delay > 0:
         time.sleep(delay)
     built = None
     if job.shape is None:  # what each part carries (the parts go as built now, or afresh on a retry)
-        built = _parts(vendor, job.batch)
+        built = _parts(ctx.vendor, job.batch)
         job.shape = [part.attributes for part in built]
     attempts, applied = job.attempts, frozenset()
     for i, attrs in enumerate(job.shape):
-        sent = _send_part(job, i, attrs, vendor, transport, limiter, stop, lease, cfg, attempts, intend,
-                          built[i] if built else None)
+        sent = _send_part(ctx, job, i, attrs, attempts, built[i] if built else None)
         attempts = sent.attempts
         v = sent.verdict
         if v is None or v.kind is not Kind.DELIVERED or v.per_user or i == len(job.shape) - 1:
@@ -404,8 +385,7 @@ def _parts(vendor, batch: list[Change]) -> list:
     return parts if isinstance(parts, list) else [parts]
 
 
-def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop, lease, cfg, attempts: int,
-               intend, req=None) -> _Sent:
+def _send_part(ctx: _Push, job: Job, index: int, carried, attempts: int, req=None) -> Sent:
     """``carried``: the attributes this part carries (None: the whole batch); ``req``: the part as
     built already (None: build it; every retry builds afresh: timestamps, nonces, signatures)."""
     risky = frozenset(a for c in job.batch for a, op, _ in c.ops if not op.idempotent and (carried is None or a in carried))
@@ -413,27 +393,28 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
     # about a later run, whose value may differ); increments and appends are never retried blind
     idempotent = all(op.idempotent or op is Op.ONCE for c in job.batch for a, op, _ in c.ops
                      if carried is None or a in carried)
+    vendor, transport, limiter, stop, cfg = ctx.vendor, ctx.transport, ctx.limiter, ctx.stop, ctx.cfg
     while True:
         if stop.is_set():
-            return _Sent(job, None, attempts)
+            return Sent(job, None, attempts)
         # the intent and the encoding come before the start slot: a wait on the state database
         # between the slot and the send (another thread's commit) would bunch the arrivals the
         # limiter spaced. Stopped while waiting: not sent, the rows go back to pending.
         if not risky <= job.intended:
             job.intended |= risky
-            if not intend(job.batch, job.intended):
-                return _Sent(job, None, attempts)
+            if not _intend(ctx, job.batch, job.intended):
+                return Sent(job, None, attempts)
         prepared = transport.prepare(req) if req is not None else None
         limiter.acquire(len(job.batch))
         if stop.is_set():
-            return _Sent(job, None, attempts)
+            return Sent(job, None, attempts)
         if prepared is None:
             req = _parts(vendor, job.batch)[index]
             prepared = transport.prepare(req)
-        if not lease.ready():  # the last word before the request starts: the lease, on its clock
-            return _Sent(job, None, attempts)
+        if not ctx.lease.ready():  # the last word before the request starts: the lease, on its clock
+            return Sent(job, None, attempts)
         crashpoint("before_send")
-        sent_at = state.now()
+        sent_at = db.now()
         t0 = time.monotonic()
         attempts += 1
         try:
@@ -449,7 +430,7 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
         retry = (verdict.kind is Kind.RETRY and not verdict.per_user and attempts < cfg.max_attempts
                  and (idempotent or not verdict.ambiguous))
         if not retry or stop.is_set():
-            return _Sent(job, verdict, attempts, status, latency, sent_at)
+            return Sent(job, verdict, attempts, status, latency, sent_at)
         log.info("retrying %d user(s) after %s (attempt %d)", len(job.batch), verdict.code or status, attempts)
         req = None  # built afresh for the retry: timestamps, nonces, signatures
         time.sleep(verdict.wait or _backoff(cfg.backoff, attempts))
@@ -459,7 +440,7 @@ def _backoff(base: float, attempt: int) -> float:
     return min(60.0, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
 
 
-def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_attempts) -> None:
+def record(sent: Sent, writes: Writes, jobs, stop, result: PushResult, max_attempts) -> None:
     """Turn one batch's verdict into snapshot, failure and batch rows (and follow-up jobs)."""
     v = sent.verdict
     batch = sent.job.batch
@@ -467,10 +448,10 @@ def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_at
         if sent.applied:
             writes.failures([(c, "retryable", None, STOPPED) for c in batch], sent)
         else:
-            writes.mark([c.key for c in batch], "pending")
+            writes.mark([c.key for c in batch], plans.PENDING)
         return
     if v.kind is Kind.STOP:  # refused: not applied, no longer in flight
-        writes.mark([c.key for c in batch], "pending")
+        writes.mark([c.key for c in batch], plans.PENDING)
     elif v.kind is Kind.SPLIT and len(batch) > 1:  # not applied; its halves go next (out again)
         writes.mark([c.key for c in batch], OUT)
     if v.kind is Kind.STOP:
@@ -500,11 +481,11 @@ def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_at
     if v.kind is Kind.SPLIT and len(batch) > 1:
         half = len(batch) // 2
         # a split is not a failed attempt
-        jobs.extend([_Job(batch[:half]), _Job(batch[half:])])
+        jobs.extend([Job(batch[:half]), Job(batch[half:])])
         writes.batch(sent, "split")
         return
     if retry_now:
-        jobs.append(_Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
+        jobs.append(Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
         writes.mark([c.key for c in retry_now], OUT)  # no longer in flight (not applied), going again
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
@@ -518,12 +499,12 @@ def _record(sent: _Sent, writes: _Writes, jobs, stop, result: PushResult, max_at
     result.failed += sum(1 for f in failed if f[1] != "rejected")
 
 
-class _Writes:
+class Writes:
     """What finished requests leave to write — batch rows, delivered users, failures, plan
     statuses — written together in one transaction, a statement per kind (per 500 keys).
 
-    Deliveries are gathered for up to ``FLUSH_SECONDS`` (or ``FLUSH_USERS``): at 100 requests
-    a second, a transaction per answer costs the senders more GIL time than the HTTP does.
+    Deliveries are gathered for up to ``FLUSH_SECONDS`` (or ``FLUSH_USERS``): at a hundred
+    requests a second, a transaction per answer costs the senders more GIL time than the HTTP does.
     Waiting is safe for them: a run that dies first re-sends those users next run, and the
     non-idempotent ones among them are still ``sending``, settled at most once. Anything
     else (a failure, a batch going back to ``pending`` to be split or retried) is
@@ -538,8 +519,12 @@ class _Writes:
         self.failed = failed  # the users with a failure row when the push began (None: unknown)
         self.batches: list[dict] = []
         self.marks: dict[str, list[str]] = {}
-        self.failed_now: list[tuple[list, _Sent]] = []
+        self.failed_now: list[tuple[list, Sent]] = []
         self.urgent, self.users, self.since = False, 0, None
+
+    def fresh(self) -> Writes:
+        """Empty writes for the same push, once these are committed."""
+        return Writes(self.sync, self.run_id, self.shard, self.failed)
 
     def due(self) -> float | None:
         """Seconds until these writes should be flushed (None: there is nothing to write)."""
@@ -547,19 +532,19 @@ class _Writes:
             return None
         return 0 if self.users >= self.FLUSH_USERS else max(0.0, self.since + self.FLUSH_SECONDS - time.monotonic())
 
-    def batch(self, sent: _Sent, outcome: str) -> None:
+    def batch(self, sent: Sent, outcome: str) -> None:
         self.since = self.since or time.monotonic()
         self.batches.append(_batch_values(self.sync, self.run_id, self.shard, sent, outcome))
 
     def mark(self, keys: list[str], status: str) -> None:
         self.marks.setdefault(status, []).extend(keys)
         self.users += len(keys)
-        self.urgent |= status != "delivered"
+        self.urgent |= status != plans.DELIVERED
 
     def delivered(self, changes: list[Change]) -> None:
-        self.mark([c.key for c in changes], "delivered")
+        self.mark([c.key for c in changes], plans.DELIVERED)
 
-    def failures(self, failed: list, sent: _Sent) -> None:
+    def failures(self, failed: list, sent: Sent) -> None:
         if failed:
             self.failed_now.append((failed, sent))
             self.urgent = True
@@ -569,22 +554,22 @@ class _Writes:
             conn.execute(state.batches.insert(), self.batches)
         for failed, sent in self.failed_now:
             _failed(conn, self.sync, self.run_id, failed, sent)
-        delivered = self.marks.get("delivered")
+        delivered = self.marks.get(plans.DELIVERED)
         if delivered:  # the snapshot moves only for the users the vendor acknowledged: to what the plan staged
             state.snapshot_from_plan(conn, self.sync.spec.name, self.run_id, delivered)
             state.clear_failures(conn, self.sync.spec.name, delivered, among=self.failed)
         for status, keys in self.marks.items():
-            _mark(conn, self.run_id, keys, status)
+            plans.mark(conn, self.run_id, keys, status)
 
 
-def _delivered(conn, sync, run_id, changes: list[Change]) -> None:
+def record_delivered(conn, sync, run_id, changes: list[Change]) -> None:
     """Record users the vendor acknowledged (what a flush does for them; bench.phase times it)."""
-    writes = _Writes(sync, run_id)
+    writes = Writes(sync, run_id)
     writes.delivered(changes)
     writes.flush(conn)
 
 
-def _failed(conn, sync, run_id, failed, sent: _Sent) -> None:
+def _failed(conn, sync, run_id, failed, sent: Sent) -> None:
     """Record failures; where part of a change was (or may have been) applied, keep exactly that.
 
     The snapshot of such a user becomes its old payload plus the attributes the vendor
@@ -624,20 +609,10 @@ def _settle(conn, sync, run_id, entries) -> None:
     state.upsert_snapshot(conn, sync.spec.name, run_id, partial)
     state.record_failures(conn, sync.spec.name, run_id, [
         (c.key, staged[c.key][0], cls, code, msg) for c, cls, code, msg, _, _ in entries])
-    _mark(conn, run_id, [e[0].key for e in entries], "failed")
+    plans.mark(conn, run_id, [e[0].key for e in entries], plans.FAILED)
 
 
-def _mark(conn, run_id: int, keys: list[str], status: str) -> None:
-    p = state.plan
-    for chunk in state.chunked(keys, 500):
-        conn.execute(p.update().where(p.c.run_id == run_id, p.c.user_key.in_(chunk)).values(status=status))
-
-
-def _batch_row(conn, sync, run_id, shard, sent: _Sent, outcome: str) -> None:
-    conn.execute(state.batches.insert().values(**_batch_values(sync, run_id, shard, sent, outcome)))
-
-
-def _batch_values(sync, run_id, shard, sent: _Sent, outcome: str) -> dict:
+def _batch_values(sync, run_id, shard, sent: Sent, outcome: str) -> dict:
     v = sent.verdict
     batch = sent.job.batch
     names: set[str] = set()
@@ -648,4 +623,4 @@ def _batch_values(sync, run_id, shard, sent: _Sent, outcome: str) -> dict:
         run_id=run_id, sync=sync.spec.name, shard=shard, users=len(batch), first_user=batch[0].key,
         attributes=",".join(attrs)[:2000], http_status=sent.http_status, vendor_code=v.code,
         vendor_message=(v.message or "")[:2000], attempts=sent.attempts, latency_ms=sent.latency_ms,
-        outcome=outcome, sent_at=sent.sent_at or state.now(), worker=sync.worker, task=sync.task)
+        outcome=outcome, sent_at=sent.sent_at or db.now(), worker=sync.worker, task=sync.task)

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from connector import state
+from connector import db, state
 
 FAILURE_CLASSES = ("invalid", "rejected", "retryable", "in_doubt")
 BATCH_COLUMNS = ("batch_id", "shard", "users", "first_user", "attributes", "http_status", "vendor_code",
@@ -165,11 +165,11 @@ def dry_run_plan(eng: Engine, run_id: int, samples: int = 5) -> dict[str, Any]:
             if not rows:
                 break
             for key, identity, ops in rows:
-                ops = state.loads(ops)
+                ops = db.loads(ops)
                 users += 1
                 per_attribute.update(attr for attr, *_ in ops)
                 if len(sample) < samples:
-                    sample.append({"user_key": key, "identity": state.loads(identity),
+                    sample.append({"user_key": key, "identity": db.loads(identity),
                                    "ops": [{"attribute": a, "op": o, "value": v} for a, o, v in ops]})
             after = rows[-1][0]
     return {"users": users, "per_attribute": per_attribute.most_common(), "samples": sample}

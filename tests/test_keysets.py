@@ -61,5 +61,5 @@ def test_a_full_scan_finds_the_snapshot_of_an_in_memory_state_database():
 
 def test_a_datetime_identity_is_kept_as_the_text_its_key_was_built_from():
     ts = pd.Timestamp("2024-01-02 03:04:05", tz="UTC")
-    kept = state.loads(state.dumps({"signed_up": plan._identity_value(ts)}))["signed_up"]
-    assert kept == plan._key_of((ts,)) == "2024-01-02 03:04:05+00:00"
+    kept = state.loads(state.dumps({"signed_up": plan.identity_value(ts)}))["signed_up"]
+    assert kept == plan.key_of((ts,)) == "2024-01-02 03:04:05+00:00"

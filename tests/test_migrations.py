@@ -1,4 +1,4 @@
-"""The sync tables under Alembic: head is state.py's schema, a database made by a release before
+"""The sync tables under Alembic: head is state/schema.py's tables, a database made by a release before
 migrations is adopted in place with every row kept, first starts in many processes at once
 all succeed, and a schema newer than this release is refused.
 
@@ -42,7 +42,7 @@ def build_fd24d1f(url: str) -> sa.Engine:
 
 
 def differences(eng: sa.Engine) -> list:
-    """What state.py's tables have that the database lacks, or the reverse (Alembic's autogenerate)."""
+    """What state/schema.py's tables have that the database lacks, or the reverse (Alembic's autogenerate)."""
     with eng.connect() as c:
         context = MigrationContext.configure(c, opts={"include_name": lambda n, t, _: t != "table" or n in state.metadata.tables})
         return compare_metadata(context, state.metadata)
@@ -61,7 +61,7 @@ def test_revisions_are_one_numbered_line():
     """``migrations.head`` reads the newest revision off the file names: true only while the ids
     are 0001, 0002, ... each revising the one before (a merge of two branches that both added
     0002 fails here until one is renumbered)."""
-    script = migrations._script()
+    script = migrations.scripts()
     assert script.get_heads() == [migrations.head()]
     chain = list(reversed(list(script.walk_revisions())))
     assert [s.revision for s in chain] == [f"{n:04d}" for n in range(1, len(chain) + 1)]
@@ -72,7 +72,7 @@ def test_head_is_the_schema_of_state_py(db_url):
     eng = state.make_engine(db_url)
     assert migrations.upgrade(eng) == (None, migrations.head())
     assert migrations.current(eng) == migrations.head()
-    assert differences(eng) == [], "state.py's tables and the revisions disagree: add a revision (usersync db revision)"
+    assert differences(eng) == [], "state/schema.py's tables and the revisions disagree: add a revision (usersync db revision)"
     eng.dispose()
 
 
@@ -84,7 +84,7 @@ def test_revision_0001_is_the_schema_fd24d1f_made(db_url):
         for t in made:
             c.exec_driver_sql(f"DROP TABLE {t}")
     with old.connect() as c, c.begin():
-        command.upgrade(migrations._config(c), "0001")
+        command.upgrade(migrations.alembic_config(c), "0001")
     assert schema(old) == made
     old.dispose()
 
@@ -142,7 +142,7 @@ def test_older_tables_are_brought_to_the_same_schema(db_url):
     with eng.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(state.snapshot)).scalar() == len(SNAPSHOT)
         assert c.execute(sa.select(state.plan.c.user_key, state.plan.c.in_flight)).all() == [("u1", None)]
-    row = (3, "u2", 0, "{}", "{}", "[]", "{}", 5, "pending")
+    row = state.PlanRow(3, "u2", 0, "{}", "{}", "[]", "{}", 5)
     with eng.begin() as c:
         state.stage(c, [row])
     eng.dispose()
@@ -308,7 +308,7 @@ print(migrations.current(eng), [c["name"] for c in sa.inspect(eng).get_columns("
 
 def test_a_schema_change_is_one_command_away_from_its_revision(sqlite_url):
     """`usersync db revision -m` (migrations.revision) writes the next numbered file from what
-    state.py has that head lacks, and that file upgrades a database. Written into the package's
+    state/schema.py has that head lacks, and that file upgrades a database. Written into the package's
     versions/ (where a real one goes), removed again here."""
     versions = Path(migrations.__file__).parent / "versions"
     base = migrations.head()

@@ -24,19 +24,19 @@ def planned(db_url, tmp_path, monkeypatch):
     sync = engine.open_sync(cfg, "tencent_users")
     run_id = engine.begin(sync, mode="incremental", trigger="test")
     engine.plan(sync, run_id)
-    changes = [c for chunk in push._pending(sync, run_id, None) for c in chunk]
+    changes = [c for chunk in push.pending(sync, run_id, None) for c in chunk]
     assert len(changes) == N
     return sync, run_id, changes
 
 
-def sent(changes, verdict: Verdict) -> push._Sent:
-    return push._Sent(push._Job(changes), verdict, attempts=1, http_status=200, latency_ms=1)
+def sent(changes, verdict: Verdict) -> push.Sent:
+    return push.Sent(push.Job(changes), verdict, attempts=1, http_status=200, latency_ms=1)
 
 
 def test_a_delivery_moves_the_snapshot_to_what_the_plan_staged(db_url, tmp_path, monkeypatch):
     sync, run_id, changes = planned(db_url, tmp_path, monkeypatch)
-    writes = push._Writes(sync, run_id)
-    push._record(sent(changes[:20], Verdict(Kind.DELIVERED)), writes, [], threading.Event(), push.PushResult(), 3)
+    writes = push.Writes(sync, run_id)
+    push.record(sent(changes[:20], Verdict(Kind.DELIVERED)), writes, [], threading.Event(), push.PushResult(), 3)
     with sync.state.begin() as conn:
         writes.flush(conn)
 
@@ -57,20 +57,20 @@ def test_only_deliveries_wait_for_the_next_flush(sqlite_url, tmp_path, monkeypat
     sync, run_id, changes = planned(sqlite_url, tmp_path, monkeypatch)
     result, jobs = push.PushResult(), []
 
-    waiting = push._Writes(sync, run_id)
+    waiting = push.Writes(sync, run_id)
     assert waiting.due() is None  # nothing to write: no deadline
-    push._record(sent(changes[:10], Verdict(Kind.DELIVERED)), waiting, jobs, threading.Event(), result, 3)
-    assert not waiting.urgent and 0 < waiting.due() <= push._Writes.FLUSH_SECONDS
+    push.record(sent(changes[:10], Verdict(Kind.DELIVERED)), waiting, jobs, threading.Event(), result, 3)
+    assert not waiting.urgent and 0 < waiting.due() <= push.Writes.FLUSH_SECONDS
 
     # a batch going back to pending to be split: written before its halves can go
-    split = push._Writes(sync, run_id)
-    push._record(sent(changes[10:20], Verdict(Kind.SPLIT, "90018")), split, jobs, threading.Event(), result, 3)
+    split = push.Writes(sync, run_id)
+    push.record(sent(changes[10:20], Verdict(Kind.SPLIT, "90018")), split, jobs, threading.Event(), result, 3)
     assert split.urgent and [len(j.batch) for j in jobs] == [5, 5]
 
     # a user the vendor refused: its failure row is written at once
-    refused = push._Writes(sync, run_id)
+    refused = push.Writes(sync, run_id)
     verdict = Verdict(Kind.DELIVERED, per_user={changes[20].key: (Kind.REJECTED, "70107", "no such account")})
-    push._record(sent(changes[20:30], verdict), refused, jobs, threading.Event(), result, 3)
+    push.record(sent(changes[20:30], verdict), refused, jobs, threading.Event(), result, 3)
     assert refused.urgent
     with sync.state.begin() as conn:
         refused.flush(conn)
@@ -83,11 +83,11 @@ def test_staged_rows_come_back_as_written(db_url):
     """``state.stage`` (COPY on PostgreSQL) keeps every character the plan's JSON may hold."""
     eng = state.connect(db_url)
     tricky = ['a\\b', 'tab\there', 'line\nbreak\r\n', '\\N', '"quoted", comma', 'é한😀', ' ']
-    rows = [(7, f"user {i}", i % 3, state.dumps({"external_id": text}), state.dumps({"user_id": text}),
-             state.dumps([["note", "set", text]]), state.dumps({"note": text}), -(2**63) + i, "pending")
+    rows = [state.PlanRow(7, f"user {i}", i % 3, state.dumps({"external_id": text}), state.dumps({"user_id": text}),
+                          state.dumps([["note", "set", text]]), state.dumps({"note": text}), -(2**63) + i)
             for i, text in enumerate(tricky)]
     # keys with separators in them, in a batch of their own (COPY escapes value by value there)
-    rows += [(7, f"user {text}", 0, "{}", "{}", "[]", "{}", -(2**62) + i, "pending") for i, text in enumerate(tricky)]
+    rows += [state.PlanRow(7, f"user {text}", 0, "{}", "{}", "[]", "{}", -(2**62) + i) for i, text in enumerate(tricky)]
     with eng.begin() as c:
         state.stage(c, rows[:len(tricky)])
         state.stage(c, rows[len(tricky):])

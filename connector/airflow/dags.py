@@ -146,7 +146,7 @@ def _broken_dag(label: str, error: Exception, path: Path):
 
         @task(task_id="config_error", retries=0)
         def config_error() -> None:
-            raise tasks._fail(message)
+            raise tasks.fail(message)
 
         config_error()
     return dag

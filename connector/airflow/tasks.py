@@ -74,7 +74,7 @@ class SyncLocked(Exception):
     """Another run of this sync holds the lock: retried (the run waits its turn)."""
 
 
-def _fail(message: str) -> Exception:
+def fail(message: str) -> Exception:
     from airflow.sdk.exceptions import AirflowFailException
 
     return AirflowFailException(message)
@@ -91,7 +91,7 @@ def open_sync(config_path: str, name: str):
             raise bad[name]
         return engine.open_sync(cfg, name)
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 def parse_when(text: str | None) -> dt.datetime | None:
@@ -112,13 +112,13 @@ def window_of(params: dict[str, Any], run_type: str, interval: tuple[Any, Any]) 
     """The cursor window: the form's, else a backfill run's data interval, else none."""
     start, end = parse_when(params.get("window_start")), parse_when(params.get("window_end"))
     if start and end and start >= end:
-        raise _fail(f"window_start {start.isoformat()} must be before window_end {end.isoformat()}")
+        raise fail(f"window_start {start.isoformat()} must be before window_end {end.isoformat()}")
     if start or end:
         return (start, end)
     if run_type == "backfill" and interval[0] is not None:
         start, end = _plain(interval[0]), _plain(interval[1])
         if start == end:
-            raise _fail("this backfill run has an empty data interval; the DAG's schedule must be a cron "
+            raise fail("this backfill run has an empty data interval; the DAG's schedule must be a cron "
                         "data-interval schedule")
         return (start, end)
     return None
@@ -148,14 +148,14 @@ def plan(config_path: str, name: str, params: dict[str, Any], run_id: str, run_t
         # not bound to this process: the lock outlives the plan task (pushes, finalize)
         started = engine.start(sync, opts, bound=False, guard_override=GUARD_OVERRIDE)
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except state.Locked as e:
         raise SyncLocked(f"{e}. Another run of '{name}' is syncing; this run waits for it "
                          f"(retried up to {lock_retries()} times, {lock_retry_delay():g} s apart).") from None
     except state.LeaseLost as e:  # another run holds the sync now: nothing more is recorded
-        raise _fail(f"planning stopped: {e}") from None
+        raise fail(f"planning stopped: {e}") from None
     except BaseException as e:  # recorded as failed by engine.start
-        raise _fail(f"planning failed: {type(e).__name__}: {e}") from e
+        raise fail(f"planning failed: {type(e).__name__}: {e}") from e
     p, run = started.plan, started.run_id
     shards = [] if started.outcome else engine.shards(sync, run)
     log.info("run %s: read %s, changed %s, %s shard(s) to push%s", run, p.users_read, p.users_changed,
@@ -183,12 +183,12 @@ def push(config_path: str, name: str, job: dict[str, int], by: tuple[str, str | 
     try:
         r = engine.push(sync, job["run_id"], shard=job["shard"], share=share(sync, job["run_id"]))
     except state.LeaseLost as e:
-        raise _fail(f"shard {job['shard']} stopped: {superseded(e)}") from None
+        raise fail(f"shard {job['shard']} stopped: {superseded(e)}") from None
     out = {"shard": job["shard"], "delivered": r.delivered, "rejected": r.rejected, "failed": r.failed,
            "requests": r.requests}
     log.info("run %s shard %s: %s", job["run_id"], job["shard"], out)
     if r.stopped:
-        raise _fail(f"shard {job['shard']}: the vendor refused the run, nothing more can succeed: {r.stopped}")
+        raise fail(f"shard {job['shard']}: the vendor refused the run, nothing more can succeed: {r.stopped}")
     return out
 
 
@@ -197,15 +197,15 @@ def finalize(config_path: str, name: str, planned: dict[str, Any] | None) -> dic
     from connector import engine, state
 
     if not planned or planned.get("run_id") is None:
-        raise _fail("the plan task did not finish (see its log): nothing was pushed")
+        raise fail("the plan task did not finish (see its log): nothing was pushed")
     sync = open_sync(config_path, name)
     from connector.airflow.links import run_url
 
     try:
         s = engine.finalize(sync, planned["run_id"], status=planned.get("outcome"), error=planned.get("error"))
     except state.LeaseLost as e:
-        raise _fail(f"not finalized: {e}; the run holding the lock settled this one") from None
+        raise fail(f"not finalized: {e}; the run holding the lock settled this one") from None
     log.info("%s; details: %s", s.line(), run_url(name, s.run_id))
     if not s.ok:
-        raise _fail(s.line())
+        raise fail(s.line())
     return s.as_json()

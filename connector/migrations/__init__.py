@@ -8,11 +8,11 @@ at once on a fresh database: one creates the tables, the others wait and find th
 The version lives in ``usersync_alembic_version``, apart from Airflow's (or anybody's)
 ``alembic_version`` in the same database.
 
-Adding a schema change (from a source checkout): change the tables in ``connector/state.py``,
+Adding a schema change (from a source checkout): change the tables in ``connector/state/schema.py``,
 run ``usersync db revision -m "what changes"``, which writes ``versions/<next number>_<slug>.py``
 with what a database at the current head lacks, then read and finish it (data to move;
 SQLite alters by batch operations), ``make ddl``, and run ``tests/test_migrations.py``: it
-fails while the revisions and state.py disagree. Revision ids are sequence numbers on one
+fails while the revisions and state/schema.py disagree. Revision ids are sequence numbers on one
 line: two branches that each add the same number renumber one (and its ``down_revision``)
 when they merge.
 """
@@ -95,8 +95,8 @@ def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
 
     with engine.connect() as conn, _serialised(conn):
         before = _known(conn, current(conn))
-        if before != _script().get_current_head():
-            command.upgrade(_config(conn), "head")
+        if before != scripts().get_current_head():
+            command.upgrade(alembic_config(conn), "head")
             log.info("sync tables in %s upgraded from revision %s to %s", _name(engine), before or "none", head())
     return before, head()
 
@@ -137,7 +137,7 @@ def _serialised(conn: sa.Connection) -> Iterator[None]:
 
 def known(revision: str) -> bool:
     """Whether this release has ``revision`` (else a newer release made it)."""
-    return revision in {s.revision for s in _script().walk_revisions()}
+    return revision in {s.revision for s in scripts().walk_revisions()}
 
 
 def _known(conn: sa.Connection, revision: str | None) -> str | None:
@@ -153,7 +153,7 @@ def _name(engine: sa.Engine) -> str:
     return f"the state database {engine.url.render_as_string(hide_password=True)}"
 
 
-def _config(conn: sa.Connection | None = None) -> Config:
+def alembic_config(conn: sa.Connection | None = None) -> Config:
     """Alembic's configuration, in code (no alembic.ini); env.py runs on ``conn``."""
     from alembic.config import Config
 
@@ -166,26 +166,26 @@ def _config(conn: sa.Connection | None = None) -> Config:
 
 
 @functools.cache
-def _script() -> ScriptDirectory:
+def scripts() -> ScriptDirectory:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_config())
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def revision(message: str) -> Path:
-    """Write the next revision file: what the tables in state.py have that a database at head
+    """Write the next revision file: what the tables in state/schema.py have that a database at head
     lacks (Alembic's autogenerate, against a scratch SQLite database). Returns its path."""
     from alembic import command
 
-    from connector import state
+    from connector import db
 
     with tempfile.TemporaryDirectory() as scratch:
-        engine = state.make_engine(f"sqlite:///{scratch}/head.db")
+        engine = db.make_engine(f"sqlite:///{scratch}/head.db")
         try:
             upgrade(engine)
             with engine.connect() as conn:
-                script = command.revision(_config(conn), message, autogenerate=True, rev_id=f"{int(head()) + 1:04d}")
+                script = command.revision(alembic_config(conn), message, autogenerate=True, rev_id=f"{int(head()) + 1:04d}")
         finally:
             engine.dispose()
-    _script.cache_clear()
+    scripts.cache_clear()
     return Path(script.path)
