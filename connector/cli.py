@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from connector import __version__, config, engine, migrations, state
+from connector import __version__, config, migrations
 from connector.config import ConfigError
 from connector.progress import Progress
 
@@ -32,6 +32,10 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # the commands' engine and sync tables (pandas, numpy) load only once the arguments are read:
+    # `usersync --help` and a mistyped command never load them
+    global engine, state
+    from connector import engine, state
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
     if not args.verbose:  # its INFO lines narrate each step of an upgrade; usersync logs the outcome
@@ -285,7 +289,7 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_emulators(args) -> int:
-    from connector import emulator
+    from connector.vendors import emulator
 
     specs = config.load(args.config)[0].syncs if args.config else []
     running = emulator.start_all(specs, host=args.host)

@@ -105,7 +105,7 @@ def push(sync, run_id: int, shard: int | None = None, progress=None, share=None)
     result = PushResult()
     stop = threading.Event()
     lease = state.Lease(sync.state, sync.spec.name, run_id, sync.spec.lock_timeout, stop)
-    feed = _Feed(sync, run_id, shard, vendor, transport, lease)
+    feed = _Feed(sync, run_id, shard, vendor, functools.partial(_call, vendor, transport, limiter, cfg), lease)
     keeper = threading.Thread(target=_keep_share, args=(limiter, share, stop), daemon=True) if share else None
     try:
         if keeper:
@@ -168,8 +168,8 @@ class _Feed:
     the end of the push.
     """
 
-    def __init__(self, sync, run_id: int, shard: int | None, vendor, transport: Transport, lease=None):
-        self.sync, self.vendor, self.transport = sync, vendor, transport
+    def __init__(self, sync, run_id: int, shard: int | None, vendor, call, lease=None):
+        self.sync, self.vendor, self.call = sync, vendor, call  # call: the vendor's own requests (prepare)
         self.run_id, self.lease = run_id, lease
         self.chunks = _pending(sync, run_id, shard, lease)
         self.jobs: deque[_Job] = deque()
@@ -185,7 +185,7 @@ class _Feed:
             return False
         if not self.prepared:  # only when there is something to send: no change, no request
             try:
-                self.vendor.prepare(self.transport.session, self.sync.spec)
+                self.vendor.prepare(self.call, self.sync.spec)
             except BaseException:  # refused before any of the chunk could leave: not out after all
                 if self.lease is not None:
                     with self.lease.begin() as conn:
@@ -453,6 +453,25 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
         log.info("retrying %d user(s) after %s (attempt %d)", len(job.batch), verdict.code or status, attempts)
         req = None  # built afresh for the retry: timestamps, nonces, signatures
         time.sleep(verdict.wait or _backoff(cfg.backoff, attempts))
+
+
+def _call(vendor, transport: Transport, limiter: RateLimiter, cfg, build) -> tuple[Verdict, requests.Response | None]:
+    """A request of the vendor's own (``Vendor.prepare``, :data:`~connector.vendors.base.Call`):
+    paced, and retried as a batch's request is, on a transient verdict up to ``max_attempts``."""
+    for attempt in range(1, cfg.max_attempts + 1):
+        limiter.acquire()
+        try:
+            req = build()
+            resp = transport.send(transport.prepare(req))
+            verdict = vendor.verdict(req, resp)
+        except requests.RequestException as e:
+            verdict, resp = transport_verdict(e), None
+        if verdict.wait:
+            limiter.pause(verdict.wait)
+        if verdict.kind is not Kind.RETRY or attempt == cfg.max_attempts:
+            return verdict, resp
+        time.sleep(verdict.wait or _backoff(cfg.backoff, attempt))
+    raise AssertionError("max_attempts is at least 1")
 
 
 def _backoff(base: float, attempt: int) -> float:
