@@ -73,6 +73,7 @@ class Emulator:
     rate_limit: float | None = None  # what one window holds (default: limit.count; None: no limit)
     latency: float = 0.0  # seconds added to every answer (a real vendor is not on loopback): the median
     latency_sigma: float = 0.0  # > 0: each answer's latency is lognormal around that median, this shape
+    stores: tuple[str, ...] = ()  # the attributes holding what the vendor holds: emptied by reset()
 
     def __init__(self, **settings: Any):
         self.lock = threading.RLock()
@@ -90,8 +91,10 @@ class Emulator:
 
     # -- vendor hooks --------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything received (subclasses clear their stores and call super)."""
+        """Forget everything received and held (each of ``stores`` made empty again)."""
         with self.lock:
+            for name in self.stores:
+                setattr(self, name, type(getattr(self, name))())
             self.log.clear()
             self.faults.clear()
             self._window.clear()

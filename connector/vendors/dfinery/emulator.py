@@ -26,6 +26,7 @@ class Emulator(_EmulatorBase):
     name = "dfinery"
     routes = {("POST", PATH): "user_profile"}
     limit = LIMIT
+    stores = ("profiles",)
 
     def __init__(self, service_id: str = "demo-service", access_token: str = "demo-token",
                  properties: dict[str, str] | None = None, rate_limit: float = LIMIT.count,
@@ -35,11 +36,6 @@ class Emulator(_EmulatorBase):
         super().__init__(rate_limit=rate_limit)
         self.service_id, self.access_token = service_id, access_token
         self.properties = {k: v.lower() for k, v in (properties or {}).items()}
-
-    def reset(self) -> None:
-        with self.lock:
-            self.profiles = {}
-        super().reset()
 
     def state(self) -> dict[str, dict[str, Any]]:
         with self.lock:

@@ -3,7 +3,6 @@ error codes and attribute types. The rules around them: README.md beside this fi
 
 from __future__ import annotations
 
-
 from connector.vendors.base import Limit
 from connector.wire import Coercer
 

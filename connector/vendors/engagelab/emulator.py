@@ -24,6 +24,7 @@ class Emulator(_EmulatorBase):
     name = "engagelab"
     routes = {("POST", PATH): "user_property"}
     limit = LIMIT
+    stores = ("users",)
 
     def __init__(self, api_key: str = "demo-key", api_secret: str = "demo-secret",
                  properties: dict[str, str] | None = None, rate_limit: float = LIMIT.count):
@@ -31,11 +32,6 @@ class Emulator(_EmulatorBase):
         super().__init__(rate_limit=rate_limit)
         self.auth = "Basic " + base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
         self.properties = {k: v.upper() for k, v in (properties or {}).items()}
-
-    def reset(self) -> None:
-        with self.lock:
-            self.users = {}
-        super().reset()
 
     def state(self) -> dict[int, dict[str, Any]]:
         with self.lock:

@@ -1,8 +1,7 @@
-"""EngageLab MA: what its docs fix (``seeds/engagelab-ma-set-user-attributes.txt``, VENDORS.md §1) — endpoints, limits,
-error codes and attribute types. The rules around them: README.md beside this file."""
+"""EngageLab MA: what its docs fix (``seeds/engagelab-ma-set-user-attributes.txt``, VENDORS.md §1) —
+endpoints, limits, error codes and attribute types. The rules around them: README.md beside this file."""
 
 from __future__ import annotations
-
 
 from connector.vendors.base import Limit, Op
 from connector.wire import Coercer

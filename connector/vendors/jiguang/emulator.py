@@ -30,6 +30,7 @@ class Emulator(_EmulatorBase):
     name = "jiguang"
     routes = {("PUT", PATH): "set_attributes"}
     limit = LIMIT
+    stores = ("users",)
 
     def __init__(self, project_id: str = "demo-project", project_secret: str = "demo-secret",
                  attributes: dict[str, dict[str, str]] | None = None, cuids=None, rate_limit: float = LIMIT.count):
@@ -39,11 +40,6 @@ class Emulator(_EmulatorBase):
         self.attributes = {k: {"type": v["type"].lower(), "rule": console_rule(v.get("rule", "overwrite"))}
                            for k, v in (attributes or {}).items()}
         self.cuids = set(cuids) if cuids is not None else None
-
-    def reset(self) -> None:
-        with self.lock:
-            self.users = {}
-        super().reset()
 
     def state(self) -> dict[str, dict[str, Any]]:
         """{str(cuid): {attribute: value}} (string keys, as JSON has them)."""

@@ -1,5 +1,5 @@
-"""Jiguang Operation Growth: what its docs fix (``seeds/jiguang-growth-set-user-attributes.txt``, VENDORS.md §2) — endpoints, limits,
-error codes and attribute types. The rules around them: README.md beside this file."""
+"""Jiguang Operation Growth: what its docs fix (``seeds/jiguang-growth-set-user-attributes.txt``, VENDORS.md §2) —
+endpoints, limits, error codes and attribute types. The rules around them: README.md beside this file."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ class Emulator(_EmulatorBase):
 
     name = "moengage"
     limit = LIMITS["bulk"]  # one budget for both APIs
+    stores = ("customers", "types", "dropped")
 
     def __init__(self, workspace_id: str = "demo-workspace", api_key: str = "demo-key",
                  rate_limit: float = LIMITS["bulk"].count,
@@ -54,11 +55,6 @@ class Emulator(_EmulatorBase):
         self.track_max_bytes, self.bulk_max_bytes = track_max_bytes, bulk_max_bytes
         self.routes = {("POST", TRACK_PATH.format(workspace_id=workspace_id)): "track",
                        ("POST", BULK_PATH.format(workspace_id=workspace_id)): "transition"}
-
-    def reset(self) -> None:
-        with self.lock:
-            self.customers, self.types, self.dropped = {}, {}, []
-        super().reset()
 
     def state(self) -> dict[str, dict[str, Any]]:
         with self.lock:

@@ -25,6 +25,7 @@ class Emulator(_EmulatorBase):
     routes = {("POST", SET_ATTR): "set_attr", ("POST", GET_ATTR_NAME): "get_attr_name",
               ("POST", GET_ATTR): "get_attr", ("POST", REMOVE_ATTR): "remove_attr"}
     limit = LIMIT
+    stores = ("attrs",)
 
     def __init__(self, sdkappid: str | int = "1400000000", secret_key: str = "demo-secret-key",
                  identifier: str = "administrator", attr_names: list[str] | None = None,
@@ -37,11 +38,6 @@ class Emulator(_EmulatorBase):
             raise ValueError(f"a Tencent IM app has at most {MAX_NAMES} attribute names, got {len(self.attr_names)}")
         self.accounts = accounts
         self.revoked_until = 0  # sigs with TLS.time <= this are invalidated
-
-    def reset(self) -> None:
-        with self.lock:
-            self.attrs = {}
-        super().reset()
 
     def state(self) -> dict[str, dict[str, str]]:
         with self.lock:

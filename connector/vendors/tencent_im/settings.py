@@ -54,6 +54,7 @@ PERMANENT = {  # this payload is refused: split the batch to find the users, rej
 }
 RETRYABLE = {91000: "internal service error", 70500: "internal server error"}
 
+
 # -- wire types: Tencent stores every attribute as a string of at most 50 bytes -----------
 @dataclasses.dataclass(frozen=True)
 class Text(Coercer):
