@@ -93,7 +93,7 @@ def update_users(url: str, changes: dict[str, dict[str, Any]]) -> None:
 
 
 
-def users_sync(name: str, identity: dict[str, str], vendor: dict[str, Any], mapping: list[dict],
+def users_sync(name: str, identity: dict[str, str], vendor: dict[str, Any], mapping: list[dict], /,
                **over: Any) -> dict[str, Any]:
     """A sync of the users table by its cursor to ``vendor`` (type, base URL, settings,
     credentials), retrying quickly; ``over`` replaces whole keys. A copy: a test may change it."""
