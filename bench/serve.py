@@ -19,13 +19,15 @@ import gc
 import json
 import sys
 
-from connector import config, emulator, vendors
+from connector import config, vendors
+
+from connector.vendors import emulator
 
 
 def main(vendor: str, latency: float, path: str, sigma: float = 0.0) -> None:
     gc.disable()
     cfg, _ = config.load(path)
-    emu = vendors.module(vendor).emulator([s for s in cfg.syncs if s.vendor.type == vendor])
+    emu = vendors.emulator_module(vendor).emulator([s for s in cfg.syncs if s.vendor.type == vendor])
     emu.latency, emu.latency_sigma = latency, sigma
     throttled = 0
     answer = emu.throttled

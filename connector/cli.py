@@ -33,6 +33,10 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # the commands' engine and sync tables (pandas, numpy) load only once the arguments are read:
+    # `usersync --help` and a mistyped command never load them
+    global engine
+    from connector import engine
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
     if not args.verbose:  # its INFO lines narrate each step of an upgrade; usersync logs the outcome
@@ -289,7 +293,7 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_emulators(args) -> int:
-    from connector import emulator
+    from connector.vendors import emulator
 
     specs = config.load(args.config)[0].syncs if args.config else []
     running = emulator.start_all(specs, host=args.host)

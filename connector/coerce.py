@@ -1,16 +1,19 @@
 """Coercion of warehouse columns to a vendor's wire types, a whole column at a time.
 
-Each :class:`Coercer` turns a pandas Series into (values, errors): ``values`` holds the
-wire value of every row (``NA`` where the source is NULL or the row is bad) and
-``errors`` a reason string for the rows that cannot be coerced — those users are set
-aside, the others go on. Lists are held as canonical JSON text so that every wire
+:func:`column` turns a pandas Series into (values, errors) as a :class:`~connector.wire.Coercer`
+says: ``values`` holds the wire value of every row (``NA`` where the source is NULL or the
+row is bad) and ``errors`` a reason string for the rows that cannot be coerced — those users
+are set aside, the others go on. Lists are held as canonical JSON text so that every wire
 value is a hashable scalar; :func:`decode` turns them back into lists for the payload.
+
+The only module that needs pandas and numpy for the vendors' types: a config is read, and
+a DAG parsed, without them (``connector.wire`` holds the types as data).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import decimal
+import functools
 import json
 import math
 from typing import Any
@@ -18,154 +21,165 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-KINDS = ("string", "long", "double", "boolean", "datetime", "date", "list")
+from connector.wire import Coercer
+
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Coercer:
-    """How one vendor type is written on the wire.
+def column(c: Coercer, s: pd.Series, label: str) -> tuple[pd.Series, pd.Series]:
+    """(values, errors) of one column written as ``c`` says (see the module's docs)."""
+    values, bad, *why = _KINDS[c.kind](c, s)
+    errors = pd.Series(None, index=s.index, dtype=object)
+    if bad.any():
+        notes = why[0][bad] if why else [None] * int(bad.sum())
+        errors[bad] = [f"{label}: {_show(v)} is not a valid {c.kind}" + (f" ({n})" if isinstance(n, str) else "")
+                       for v, n in zip(s[bad], notes)]
+    values = values.where(~bad)
+    if c.kind in ("string", "datetime", "date", "list") and (c.max_chars or c.max_bytes):
+        size_bad = oversize(c, values)
+        if size_bad.any():
+            errors[size_bad] = [f"{label}: value too long ({_show(v)})" for v in values[size_bad]]
+            values = values.where(~size_bad)
+    return values, errors
 
-    ``fmt`` is a strftime pattern for datetime/date; ``%3f`` stands for milliseconds.
-    ``item`` is the element kind of a list. Limits are checked here so that an
-    oversize value rejects its user before anything is sent.
-    """
 
-    kind: str
-    fmt: str | None = None
-    item: str = "string"
-    max_chars: int | None = None
-    max_bytes: int | None = None
-    max_items: int | None = None
-    bool_as_int: bool = False
+# -- one function per kind: (values, bad mask) -------------------------------------
+def _string(c: Coercer, s):
+    if _is_text(s):  # already text: nothing to convert, nothing nested
+        return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
+    # only an object column can hold lists (a datetime column's map would come back as datetimes)
+    nested = (s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool) if s.dtype == object
+              else pd.Series(False, index=s.index))
+    present = s.notna() & ~nested
+    if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it; the rest in full
+        text = s.map(lambda v: _float_text(v) if pd.notna(v) else None)
+    elif pd.api.types.is_bool_dtype(s):
+        text = s.map(lambda v: ("true" if v else "false") if pd.notna(v) else None)
+    else:
+        text = s.where(present).map(lambda v: v if isinstance(v, str) or v is None or v is pd.NA else str(v))
+    return text.astype(object).where(present), nested.astype(bool)
 
-    @property
-    def numeric(self) -> bool:
-        return self.kind in ("long", "double")
-
-    def __call__(self, s: pd.Series, label: str) -> tuple[pd.Series, pd.Series]:
-        values, bad, *why = getattr(self, "_" + self.kind)(s)
-        errors = pd.Series(None, index=s.index, dtype=object)
-        if bad.any():
-            notes = why[0][bad] if why else [None] * int(bad.sum())
-            errors[bad] = [f"{label}: {_show(v)} is not a valid {self.kind}" + (f" ({n})" if isinstance(n, str) else "")
-                           for v, n in zip(s[bad], notes)]
-        values = values.where(~bad)
-        if self.kind in ("string", "datetime", "date", "list") and (self.max_chars or self.max_bytes):
-            size_bad = self._oversize(values)
-            if size_bad.any():
-                errors[size_bad] = [f"{label}: value too long ({_show(v)})" for v in values[size_bad]]
-                values = values.where(~size_bad)
-        return values, errors
-
-    # -- one method per kind: (values, bad mask) ---------------------------------------
-    def _string(self, s):
-        if _is_text(s):  # already text: nothing to convert, nothing nested
-            return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
-        # only an object column can hold lists (a datetime column's map would come back as datetimes)
-        nested = (s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool) if s.dtype == object
-                  else pd.Series(False, index=s.index))
-        present = s.notna() & ~nested
-        if pd.api.types.is_float_dtype(s):  # 1.0 -> "1" reads as the warehouse meant it; the rest in full
-            text = s.map(lambda v: _float_text(v) if pd.notna(v) else None)
-        elif pd.api.types.is_bool_dtype(s):
-            text = s.map(lambda v: ("true" if v else "false") if pd.notna(v) else None)
-        else:
-            text = s.where(present).map(lambda v: v if isinstance(v, str) or v is None or v is pd.NA else str(v))
-        return text.astype(object).where(present), nested.astype(bool)
-
-    # Numbers arrive exact or not at all: an integer is never taken through a float (past 2^53
-    # that rounds it to another integer), and a value the vendor type cannot hold exactly
-    # (beyond a Long's 64 bits, a fraction in a Long, an integer a Double cannot hold) is bad.
-    def _long(self, s):
-        if pd.api.types.is_bool_dtype(s):
-            s = s.astype("Int64")
-        if pd.api.types.is_integer_dtype(s):  # int64 / Int64: exact already
-            try:
-                return s.astype("Int64"), pd.Series(False, index=s.index)
-            except (OverflowError, TypeError, ValueError):  # unsigned past 2^63: one by one
-                pass
-        elif pd.api.types.is_float_dtype(s):  # the warehouse's own doubles: whole ones within 64 bits
-            x = s.to_numpy(dtype=np.float64, na_value=np.nan)
-            present = ~np.isnan(x)
-            with np.errstate(invalid="ignore"):
-                ok = present & np.isfinite(x) & (x == np.trunc(x)) & (x >= -(2.0**63)) & (x < 2.0**63)
-            out = pd.array(np.where(ok, x, 0).astype(np.int64), dtype="Int64")
-            out[~ok] = pd.NA
-            bad = pd.Series(present & ~ok, index=s.index)
-            return pd.Series(out, index=s.index), bad, _notes(s, bad, _LONG_RANGE)
-        return _exactly(s, _exact_long, "Int64")
-
-    def _double(self, s):
-        if pd.api.types.is_float_dtype(s):
-            x = s.to_numpy(dtype=np.float64, na_value=np.nan)
-            bad = pd.Series(~np.isnan(x) & ~np.isfinite(x), index=s.index)
-            return s.astype("Float64"), bad
-        if pd.api.types.is_bool_dtype(s):
-            s = s.astype("Int64")
-        if pd.api.types.is_integer_dtype(s) and not pd.api.types.is_unsigned_integer_dtype(s):
-            x = s.to_numpy(dtype=np.int64, na_value=0)
-            big = (x > _MAX_EXACT) | (x < -_MAX_EXACT)  # (not abs: -2^63 has none in int64)
-            if not big.any():
-                return s.astype("Float64"), pd.Series(False, index=s.index)
-        return _exactly(s, _exact_double, "Float64")
-
-    def _boolean(self, s):
-        present = s.notna()
-        if pd.api.types.is_bool_dtype(s):
-            out = s.astype("boolean")
-        else:
-            out = _each_distinct(s, _to_bool, _is_text(s) or _kind(s) == "boolean").astype("boolean")
-        bad = present & out.isna()
-        return (out.astype("Int64") if self.bool_as_int else out), bad
-
-    def _datetime(self, s):
-        present = s.notna()
-        parsed = _to_datetime(s)
-        bad = present & parsed.isna()
-        return _format(parsed, self.fmt or "%Y-%m-%dT%H:%M:%SZ"), bad
-
-    def _date(self, s):
-        present = s.notna()
-        parsed = _to_datetime(s)
-        bad = present & parsed.isna()
-        return _format(parsed, self.fmt or "%Y-%m-%d"), bad
-
-    def _list(self, s):
-        out = _each_distinct(s.astype(object), self._one_list, _is_text(s))
-        bad = out.map(lambda v: isinstance(v, _Bad))
-        return out.where(~bad), bad
-
-    def _one_list(self, v: Any) -> Any:
-        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-            return None
-        if isinstance(v, str):
-            try:
-                v = json.loads(v) if v.strip() else []
-            except ValueError:
-                return _Bad()
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        if not isinstance(v, (list, tuple)):
-            return _Bad()
-        if self.max_items is not None and len(v) > self.max_items:
-            return _Bad()
+# Numbers arrive exact or not at all: an integer is never taken through a float (past 2^53
+# that rounds it to another integer), and a value the vendor type cannot hold exactly
+# (beyond a Long's 64 bits, a fraction in a Long, an integer a Double cannot hold) is bad.
+def _long(c: Coercer, s):
+    if pd.api.types.is_bool_dtype(s):
+        s = s.astype("Int64")
+    if pd.api.types.is_integer_dtype(s):  # int64 / Int64: exact already
         try:
-            items = [_ITEM[self.item](x) for x in v]
-        except (TypeError, ValueError):
-            return _Bad()
-        return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+            return s.astype("Int64"), pd.Series(False, index=s.index)
+        except (OverflowError, TypeError, ValueError):  # unsigned past 2^63: one by one
+            pass
+    elif pd.api.types.is_float_dtype(s):  # the warehouse's own doubles: whole ones within 64 bits
+        x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        present = ~np.isnan(x)
+        with np.errstate(invalid="ignore"):
+            ok = present & np.isfinite(x) & (x == np.trunc(x)) & (x >= -(2.0**63)) & (x < 2.0**63)
+        out = pd.array(np.where(ok, x, 0).astype(np.int64), dtype="Int64")
+        out[~ok] = pd.NA
+        bad = pd.Series(present & ~ok, index=s.index)
+        return pd.Series(out, index=s.index), bad, _notes(s, bad, _LONG_RANGE)
+    return _exactly(s, _exact_long, "Int64")
 
-    def _oversize(self, values: pd.Series) -> pd.Series:
-        text = values.astype(object)
-        mask = pd.Series(False, index=values.index)
-        present = text.notna()
-        if self.max_chars:
-            mask |= present & text.map(lambda v: isinstance(v, str) and len(v) > self.max_chars)
-        if self.max_bytes:
-            mask |= present & text.map(lambda v: isinstance(v, str) and len(v.encode()) > self.max_bytes)
-        return mask.astype(bool)
+def _double(c: Coercer, s):
+    if pd.api.types.is_float_dtype(s):
+        x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = pd.Series(~np.isnan(x) & ~np.isfinite(x), index=s.index)
+        return s.astype("Float64"), bad
+    if pd.api.types.is_bool_dtype(s):
+        s = s.astype("Int64")
+    if pd.api.types.is_integer_dtype(s) and not pd.api.types.is_unsigned_integer_dtype(s):
+        x = s.to_numpy(dtype=np.int64, na_value=0)
+        big = (x > _MAX_EXACT) | (x < -_MAX_EXACT)  # (not abs: -2^63 has none in int64)
+        if not big.any():
+            return s.astype("Float64"), pd.Series(False, index=s.index)
+    return _exactly(s, _exact_double, "Float64")
+
+def _boolean(c: Coercer, s):
+    present = s.notna()
+    if pd.api.types.is_bool_dtype(s):
+        out = s.astype("boolean")
+    else:
+        out = _each_distinct(s, _to_bool, _is_text(s) or _kind(s) == "boolean").astype("boolean")
+    bad = present & out.isna()
+    return (out.astype("Int64") if c.bool_as_int else out), bad
+
+def _datetime(c: Coercer, s):
+    present = s.notna()
+    parsed = _to_datetime(s)
+    bad = present & parsed.isna()
+    return _format(parsed, c.fmt or "%Y-%m-%dT%H:%M:%SZ"), bad
+
+def _date(c: Coercer, s):
+    present = s.notna()
+    parsed = _to_datetime(s)
+    bad = present & parsed.isna()
+    return _format(parsed, c.fmt or "%Y-%m-%d"), bad
+
+def _list(c: Coercer, s):
+    out = _each_distinct(s.astype(object), functools.partial(_one_list, c), _is_text(s))
+    bad = out.map(lambda v: isinstance(v, _Bad))
+    return out.where(~bad), bad
+
+def _one_list(c: Coercer, v: Any) -> Any:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip() else []
+        except ValueError:
+            return _Bad()
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)):
+        return _Bad()
+    if c.max_items is not None and len(v) > c.max_items:
+        return _Bad()
+    try:
+        items = [_ITEM[c.item](x) for x in v]
+    except (TypeError, ValueError):
+        return _Bad()
+    return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+
+def oversize(c: Coercer, values: pd.Series) -> pd.Series:
+    text = values.astype(object)
+    mask = pd.Series(False, index=values.index)
+    present = text.notna()
+    if c.max_chars:
+        mask |= present & text.map(lambda v: isinstance(v, str) and len(v) > c.max_chars)
+    if c.max_bytes:
+        mask |= present & text.map(lambda v: isinstance(v, str) and len(v.encode()) > c.max_bytes)
+    return mask.astype(bool)
+
+
+_KINDS = {"string": _string, "long": _long, "double": _double, "boolean": _boolean, "datetime": _datetime,
+          "date": _date, "list": _list}
+
+
+def as_text(c: Coercer, values: pd.Series, errors: pd.Series, label: str) -> tuple[pd.Series, pd.Series]:
+    """Numbers and booleans, coerced already, written as text (decimal; ``true``/``false``) for a
+    vendor whose every value is a string: the snapshot then holds exactly the string the vendor
+    holds, and ``c``'s size limit is checked on that string (an oversize value sets aside its
+    user alone)."""
+    if c.kind in ("long", "double", "boolean"):
+        values = pd.Series([_text(v) for v in values.astype(object)], index=values.index, dtype=object)
+        big = oversize(c, values)
+        if big.any():
+            errors[big] = [f"{label}: value too long ({v!r})" for v in values[big]]
+            values = values.where(~big)
+    return values, errors
+
+
+def _text(v: Any) -> str | None:
+    """A number or boolean as text: decimal, 'true'/'false'."""
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))  # shortest text that reads back as the same number
+    return str(int(v))
 
 
 class _Bad:

@@ -14,22 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from connector import vendors
+from connector.errors import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-class ConfigError(Exception):
-    """A configuration problem, located as file / sync / field."""
-
-    def __init__(self, file: str | Path, message: str, sync: str | None = None, field: str | None = None):
-        self.file, self.sync, self.field, self.message = str(file), sync, field, message
-        where = [self.file]
-        if sync:
-            where.append(f"sync '{sync}'")
-        if field:
-            where.append(field)
-        super().__init__(f"{': '.join(where)}: {message}")
 
 
 class _Model(BaseModel):

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from connector import config, demo, emulator, engine, state
+from connector import config, demo, engine, state
+
+from connector.vendors import emulator
 
 TEMPLATE = Path(__file__).with_name("demo_syncs.yaml")
 

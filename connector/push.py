@@ -27,6 +27,7 @@ exactly what the ``out`` and ``sending`` rows name for the new holder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -192,7 +193,7 @@ class _Feed:
         ctx = self.ctx
         if not self.prepared:  # only when there is something to send: no change, no request
             try:
-                ctx.vendor.prepare(ctx.transport.session, ctx.sync.spec)
+                ctx.vendor.prepare(functools.partial(_call, ctx), ctx.sync.spec)
             except BaseException:  # refused before any of the chunk could leave: not out after all
                 with ctx.lease.begin() as conn:
                     plans.mark(conn, ctx.run_id, [c.key for c in changes], plans.PENDING)
@@ -434,6 +435,26 @@ def _send_part(ctx: _Push, job: Job, index: int, carried, attempts: int, req=Non
         log.info("retrying %d user(s) after %s (attempt %d)", len(job.batch), verdict.code or status, attempts)
         req = None  # built afresh for the retry: timestamps, nonces, signatures
         time.sleep(verdict.wait or _backoff(cfg.backoff, attempts))
+
+
+def _call(ctx: _Push, build) -> tuple[Verdict, requests.Response | None]:
+    """A request of the vendor's own (``Vendor.prepare``, :data:`~connector.vendors.base.Call`):
+    paced, and retried as a batch's request is, on a transient verdict up to ``max_attempts``."""
+    vendor, transport, limiter, cfg = ctx.vendor, ctx.transport, ctx.limiter, ctx.cfg
+    for attempt in range(1, cfg.max_attempts + 1):
+        limiter.acquire()
+        try:
+            req = build()
+            resp = transport.send(transport.prepare(req))
+            verdict = vendor.verdict(req, resp)
+        except requests.RequestException as e:
+            verdict, resp = transport_verdict(e), None
+        if verdict.wait:
+            limiter.pause(verdict.wait)
+        if verdict.kind is not Kind.RETRY or attempt == cfg.max_attempts:
+            return verdict, resp
+        time.sleep(verdict.wait or _backoff(cfg.backoff, attempt))
+    raise AssertionError("max_attempts is at least 1")
 
 
 def _backoff(base: float, attempt: int) -> float:

@@ -11,12 +11,14 @@ import math
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from connector.vendors.base import Limit, Request
+if TYPE_CHECKING:  # the transport only reads them: it does not depend on the vendors' package
+    from connector.vendors.base import Limit, Request
 
 
 # The one margin under every vendor limit: the limiter holds the vendor's count to windows

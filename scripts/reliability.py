@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import fault_harness as h  # noqa: E402
-import test_bad_input as bad  # noqa: E402
+import bad_inputs as bad  # noqa: E402
 
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 

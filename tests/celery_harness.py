@@ -25,11 +25,11 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
-from conftest import T0, USERS, _fresh_database, write_config
+from warehouse import T0, USERS, fresh_database as _fresh_database, write_config
 from crash_harness import SCENARIOS, World
 from connector import state
 from connector.airflow.celery_deploy import Deployment
-from connector.vendors import jiguang
+from connector.vendors.jiguang import settings as jiguang
 
 N_USERS = 20_000
 SHARDS = 4

@@ -48,12 +48,8 @@ import sqlalchemy as sa
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import test_dfinery  # noqa: E402,F401 - the vendor test modules hold the syncs' mappings
-import test_engagelab  # noqa: E402
-import test_jiguang  # noqa: E402
-import test_moengage  # noqa: E402
-import test_tencent_im  # noqa: E402
-from conftest import T0, USERS, dfinery_sync, make_users, user_row, write_config  # noqa: E402
+from vendor_cases import CASES, jiguang as jg_case  # noqa: E402
+from warehouse import T0, USERS, make_users, user_row, write_config  # noqa: E402
 
 from connector import state, vendors  # noqa: E402
 
@@ -156,18 +152,8 @@ def compare(rule: str, want: Any, got: Any) -> tuple[Any, bool]:
     return sorted((need - have).elements()), bool(have - need)
 
 
-SCENARIOS = {
-    "jiguang": Scenario("jiguang", test_jiguang.jiguang_sync, {"TEST_JIGUANG_SECRET": test_jiguang.SECRET}),
-    "engagelab": Scenario("engagelab", test_engagelab.el_sync,
-                          {"TEST_EL_KEY": test_engagelab.KEY, "TEST_EL_SECRET": test_engagelab.SECRET},
-                          first_points=lambda i: i * 10 + 5),
-    "dfinery": Scenario("dfinery", dfinery_sync, {"TEST_DFINERY_TOKEN": "tok-secret-123"}),
-    "tencent_im": Scenario("tencent_im", test_tencent_im.tencent_sync, {"TEST_TENCENT_KEY": test_tencent_im.KEY},
-                           users=300),  # 100 users a request
-    "moengage": Scenario("moengage", test_moengage.moengage_sync, {"TEST_MOENGAGE_KEY": test_moengage.KEY}),
-    "moengage_bulk": Scenario("moengage", lambda url, **kw: test_moengage.moengage_sync(
-        url, api="bulk", **{"name": "moengage_bulk", **kw}), {"TEST_MOENGAGE_KEY": test_moengage.KEY}),
-}
+SCENARIOS = {name: Scenario(case.vendor, case.sync, case.env, first_points=case.first_points, users=case.users)
+             for name, case in CASES.items()}
 
 
 class VendorProcess:
@@ -216,10 +202,11 @@ def _with_env(sync: dict, env: dict[str, str]) -> dict:
 
 def serve(spec_json: str, latency: str) -> None:
     """``python tests/crash_harness.py serve SPEC LATENCY``: serve until killed."""
-    from connector import config, emulator
+    from connector import config
+    from connector.vendors import emulator
 
     spec = config.SyncSpec.model_validate(json.loads(spec_json))
-    emu = vendors.module(spec.vendor.type).emulator([spec])
+    emu = vendors.emulator_module(spec.vendor.type).emulator([spec])
     emu.latency = float(latency)
     routed, arrived = emu.handle, {}
 
@@ -490,21 +477,22 @@ def crash_figures(iterations: int | None = None, seed: int = 7) -> dict[str, Any
 def intent_cost(users: int = 2000) -> dict[str, Any]:
     """What the write-ahead intent costs: one Jiguang first run of ``users`` users (one request
     each) with ``points`` mapped as accumulate, against the same run with it as overwrite."""
-    from connector import config, emulator, engine
-    from connector.vendors import jiguang
+    from connector import config, engine
+    from connector.vendors import emulator
+    from connector.vendors.jiguang import emulator as jiguang
 
     out: dict[str, Any] = {"users": users}
     for label, rule in (("with_intent", "accumulate"), ("without_intent", "overwrite")):
         mapping = [{**m, "rule": rule if m["attribute"] == "points" else m.get("rule", "set")}
-                   for m in test_jiguang.MAPPING if m["attribute"] != "interests"]
+                   for m in jg_case.MAPPING if m["attribute"] != "interests"]
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{tmp}/w.db"
             make_users(url, [user_row(i) for i in range(users)]).dispose()
-            emu = jiguang.Emulator(project_id="proj-7", project_secret=test_jiguang.SECRET, rate_limit=None,
+            emu = jiguang.Emulator(project_id="proj-7", project_secret=jg_case.SECRET, rate_limit=None,
                                    attributes={m["attribute"]: {"type": m["type"], "rule": m["rule"]} for m in mapping})
-            os.environ["TEST_JIGUANG_SECRET"] = test_jiguang.SECRET
+            os.environ["TEST_JIGUANG_SECRET"] = jg_case.SECRET
             with emulator.Running(emu) as running:
-                sync = test_jiguang.jiguang_sync(running.url, mapping=mapping)
+                sync = jg_case.jiguang_sync(running.url, mapping=mapping)
                 sync["vendor"] = {**sync["vendor"], "rate_limit": 100_000}
                 cfg, _ = config.load(write_config(Path(tmp) / "syncs.yaml", url, [sync]))
                 t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from conftest import SERVERS, T0, _fresh_database
+from warehouse import SERVERS, T0, fresh_database as _fresh_database
 from crash_harness import LOCK_TIMEOUT, ONCE, POINTS, SCENARIOS, World, crash_round, work_seconds
 
 

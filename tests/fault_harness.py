@@ -20,60 +20,51 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector import config, emulator, engine, state, vendors
-from connector.vendors import dfinery, jiguang, tencent_im
-from conftest import make_users, user_row, write_config
+from connector import config, engine, state, vendors
+
+from connector.vendors import emulator
+from vendor_cases import CASES, match as match_key
+from warehouse import make_users, user_row, write_config
 
 MAX_ATTEMPTS = 2
 READ_TIMEOUT = 1.0  # a `timeout` fault outlasts it, a `slow` one does not
 THROTTLE_RESET = 1.6  # seconds the vendor's throttle answer asks for (beyond the client's 1 s default)
 
-# Each vendor: identity, settings, credentials (name -> value, all secret) and a mapping of
-# the conftest users table. EngageLab maps an increase too, so a change is two requests (parts).
-VENDORS: dict[str, dict[str, Any]] = {
-    "dfinery": {
-        "identity": {"external_id": "user_id"}, "settings": {"service_id": "svc-f"},
-        "credentials": {"access_token": "dfn-tok-5ecr3t-a1"},
-        "mapping": [("plan", "membership", "String"), ("ltv", "ltv", "Double"), ("orders", "orders", "Long"),
-                    ("subscribed", "subscribed", "Boolean"), ("signup_at", "signup_at", "Datetime"),
-                    ("interests", "interests", "Array")],
-    },
-    "engagelab": {
-        "identity": {"euid": "numeric_id"}, "settings": {},
-        "credentials": {"api_key": "el-key-5ecr3t-b2", "api_secret": "el-sec-5ecr3t-b3"},
-        "mapping": [("plan", "membership", "STRING"), ("ltv", "ltv", "NUMBER"),
-                    ("points", "points", "NUMBER", "increase"), ("subscribed", "subscribed", "BOOL"),
-                    ("signup_at", "signup_at", "DATETIME")],
-    },
-    "jiguang": {
-        "identity": {"cuid": "numeric_id"}, "settings": {"project_id": "proj-f"},
-        "credentials": {"project_secret": "jg-sec-5ecr3t-c4"},
-        "mapping": [("plan", "membership", "String", "overwrite"), ("ltv", "ltv", "Number", "overwrite"),
-                    ("orders", "orders", "Long", "overwrite"), ("subscribed", "subscribed", "Boolean", "overwrite"),
-                    ("signup_at", "signup_at", "Datetime", "overwrite")],
-    },
-    "tencent_im": {
-        "identity": {"To_Account": "user_id"}, "settings": {"sdkappid": "1400000123", "identifier": "admin"},
-        "credentials": {"secret_key": "tim-key-5ecr3t-d5"},
-        "mapping": [("plan", "membership", "String"), ("ltv", "ltv", "Double"), ("orders", "orders", "Long"),
-                    ("subscribed", "subscribed", "Boolean"), ("signup_at", "signup_at", "Datetime")],
-    },
-    "moengage": {
-        "identity": {"customer_id": "user_id"}, "settings": {"workspace_id": "ws-f", "api": "track"},
-        "credentials": {"api_key": "moe-key-5ecr3t-e6"},
-        "mapping": [("plan", "membership", "string"), ("ltv", "ltv", "number"), ("orders", "orders", "long"),
-                    ("subscribed", "subscribed", "boolean"), ("signup_at", "signup_at", "datetime"),
-                    ("interests", "interests", "array")],
-    },
+# What the fault worlds map of the users table, per vendor: idempotent attributes only (a lost
+# answer must leave nothing in doubt), but EngageLab maps an increase too, so a change is two
+# requests (parts). How each vendor is configured is the vendor case's (vendor_cases.CASES).
+MAPPINGS: dict[str, list[tuple[str, ...]]] = {
+    "dfinery": [("plan", "membership", "String"), ("ltv", "ltv", "Double"), ("orders", "orders", "Long"),
+                ("subscribed", "subscribed", "Boolean"), ("signup_at", "signup_at", "Datetime"),
+                ("interests", "interests", "Array")],
+    "engagelab": [("plan", "membership", "STRING"), ("ltv", "ltv", "NUMBER"),
+                  ("points", "points", "NUMBER", "increase"), ("subscribed", "subscribed", "BOOL"),
+                  ("signup_at", "signup_at", "DATETIME")],
+    "jiguang": [("plan", "membership", "String", "overwrite"), ("ltv", "ltv", "Number", "overwrite"),
+                ("orders", "orders", "Long", "overwrite"), ("subscribed", "subscribed", "Boolean", "overwrite"),
+                ("signup_at", "signup_at", "Datetime", "overwrite")],
+    "tencent_im": [("plan", "membership", "String"), ("ltv", "ltv", "Double"), ("orders", "orders", "Long"),
+                   ("subscribed", "subscribed", "Boolean"), ("signup_at", "signup_at", "Datetime")],
+    "moengage": [("plan", "membership", "string"), ("ltv", "ltv", "number"), ("orders", "orders", "long"),
+                 ("subscribed", "subscribed", "boolean"), ("signup_at", "signup_at", "datetime"),
+                 ("interests", "interests", "array")],
 }
 
-# The vendor's own words for "internal error" and "slow down", from its module's constants.
-# EngageLab documents no internal-error or throttling code: its docs retry only HTTP 5xx, and
-# its throttle is a bare 429; MoEngage has no codes beyond the HTTP status.
-INTERNAL_ERROR = {"dfinery": min(dfinery.RETRYABLE), "engagelab": 500, "jiguang": min(jiguang.RETRYABLE),
-                  "tencent_im": min(tencent_im.RETRYABLE), "moengage": 500}
-THROTTLE_CODE = {"dfinery": min(dfinery.THROTTLED), "engagelab": None, "jiguang": min(jiguang.THROTTLED),
-                 "tencent_im": min(tencent_im.THROTTLED), "moengage": 429}
+
+def _vendor(vendor: str) -> dict[str, Any]:
+    """A vendor's identity, settings and credentials (name -> secret value), from its case."""
+    case = CASES[vendor]
+    sync = case.sync("")
+    credentials = {name: case.env[ref.strip("${}")] for name, ref in sync["vendor"]["credentials"].items()}
+    return {"identity": sync["identity"], "settings": sync["vendor"].get("settings", {}), "credentials": credentials,
+            "mapping": MAPPINGS[vendor]}
+
+
+VENDORS: dict[str, dict[str, Any]] = {vendor: _vendor(vendor) for vendor in MAPPINGS}
+
+# The vendor's own words for "internal error" and "slow down" (its case's)
+INTERNAL_ERROR = {vendor: CASES[vendor].retry for vendor in MAPPINGS}
+THROTTLE_CODE = {vendor: CASES[vendor].throttle for vendor in MAPPINGS}
 
 FAULTS = ("http_5xx", "internal_error", "throttle_code", "throttle_429_reset", "timeout", "connection_reset",
           "malformed_json", "slow", "lost_answer", "partial_success")
@@ -90,20 +81,17 @@ NOT_APPLICABLE = {
 
 def secret_env(vendor: str) -> dict[str, str]:
     """Environment variable -> secret value for a vendor's credentials."""
-    return {f"FAULT_{vendor.upper()}_{c.upper()}": v for c, v in VENDORS[vendor]["credentials"].items()}
+    return dict(CASES[vendor].env)
 
 
 def sync_dict(vendor: str, base_url: str, **vendor_over: Any) -> dict[str, Any]:
-    v = VENDORS[vendor]
+    """The vendor case's sync, named ``<vendor>_users``, mapping the fault world's attributes."""
     mapping = [{"column": m[0], "attribute": m[1], "type": m[2], **({"rule": m[3]} if len(m) > 3 else {})}
-               for m in v["mapping"]]
-    creds = {c: "${" + env + "}" for c, env in zip(v["credentials"], secret_env(vendor))}
-    return {"name": f"{vendor}_users", "source": {"table": "users"}, "identity": v["identity"],
-            "cursor": "updated_at",
-            "vendor": {"type": vendor, "base_url": base_url, "settings": v["settings"], "credentials": creds,
-                       "backoff": 0.01, "max_attempts": MAX_ATTEMPTS, "timeout": [2.0, READ_TIMEOUT],
-                       **vendor_over},
-            "mapping": mapping}
+               for m in MAPPINGS[vendor]]
+    sync = CASES[vendor].sync(base_url, name=f"{vendor}_users", mapping=mapping)
+    sync["vendor"] = {**sync["vendor"], "backoff": 0.01, "max_attempts": MAX_ATTEMPTS, "timeout": [2.0, READ_TIMEOUT],
+                      **vendor_over}
+    return sync
 
 
 def users_for(vendor: str) -> tuple[int, int, int]:
@@ -173,7 +161,7 @@ def setup(vendor: str, directory: Path, env: Callable[[str, str], None], **vendo
     make_users(url, rows).dispose()
     cfg_path = write_config(directory / "syncs.yaml", url, [sync_dict(vendor, "http://127.0.0.1:1", **vendor_over)])
     cfg, _ = config.load(cfg_path)
-    running = emulator.Running(vendors.module(vendor).emulator(cfg.syncs))
+    running = emulator.Running(vendors.emulator_module(vendor).emulator(cfg.syncs))
     write_config(cfg_path, url, [sync_dict(vendor, running.url, **vendor_over)])
     column = next(iter(VENDORS[vendor]["identity"].values()))
     return Case(vendor, cfg_path, url, running, [str(r[column]) for r in rows])
@@ -181,8 +169,7 @@ def setup(vendor: str, directory: Path, env: Callable[[str, str], None], **vendo
 
 def match(case: Case, index: int) -> str:
     """A substring of exactly the requests that carry user ``index``."""
-    key = case.keys[index]
-    return f'"{key}"' if not key.isdigit() else f": {key},"
+    return match_key(case.keys[index])
 
 
 def inject(case: Case, fault: str) -> None:

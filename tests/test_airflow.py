@@ -9,14 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from airflow_helpers import BIN, DAGS, airflow_env, clone_home, make_home, run_existing, sync_dags_to_db
-from conftest import DFINERY_MAPPING, T0, dfinery_sync, make_users, table, update_users, user_row, write_config
-from connector import emulator, engine, config, state
+from vendor_cases.dfinery import DFINERY_MAPPING, dfinery_sync
+from warehouse import T0, make_users, table, update_users, user_row, write_config
+from connector import engine, config, state
+from connector.vendors import emulator
 
 N = 24
 HERE = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ def dfinery_profile(row: dict) -> dict:
 
 @pytest.fixture
 def dfinery_emu(monkeypatch):
-    from connector.vendors import dfinery
+    from connector.vendors.dfinery import emulator as dfinery
 
     emu = dfinery.Emulator(service_id="svc-1", access_token="tok-secret-123",
                            properties={m["attribute"]: m["type"] for m in DFINERY_MAPPING})
@@ -94,14 +95,11 @@ def test_dag_folder_has_one_dag_per_sync_and_a_broken_sync_only_breaks_its_own(a
          "mapping": [{"column": "plan", "attribute": "membership", "type": "String"}]},
         dfinery_sync(dfinery_emu.url, name="broken_one", mapping=[{"column": "plan", "attribute": "x", "type": "Nope"}]),
     ])
-    t0 = time.monotonic()
     dags, errors = load_dags(cfg, monkeypatch)
-    parse_seconds = time.monotonic() - t0
     assert errors == {}
     assert sorted(dags) == ["usersync__broken_one", "usersync__dfinery_users", "usersync__jiguang_users"]
     # parsing read the YAML and nothing else: no database was opened, no request was sent
     assert not warehouse.exists() and dfinery_emu.emulator.log == []
-    assert parse_seconds < 30
 
     d = dags["usersync__dfinery_users"]
     assert type(d.timetable).__name__ == "CronDataIntervalTimetable" and d.timetable.expression == "0 3 * * *"
@@ -195,7 +193,7 @@ def test_dag_test_end_to_end_jiguang_with_a_connection_in_the_metadata_db(airflo
     from airflow.models import Connection
     from airflow.utils.session import create_session
 
-    from connector.vendors import jiguang
+    from connector.vendors.jiguang import emulator as jiguang
 
     rows = [user_row(i) for i in range(N)]
     make_users(sqlite_url, rows)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench  # deselect with -m "not bench"
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("plan_vs_read_time", "plan_vs_read_memory", "incremental_vs_full", "commit_1m_vs_100k",
         "push_fraction_of_limit_by_latency", "push_peak_window", "tencent_batch_fill", "peak_rss_10m_mb")

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from conftest import SERVERS
+from warehouse import SERVERS
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(1200)]
 

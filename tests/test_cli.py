@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from connector import state
-from conftest import dfinery_sync, make_users, table, user_row, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "connector", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+from vendor_cases.dfinery import dfinery_sync
+from warehouse import ROOT, cli, make_users, table, user_row, write_config
 
 
 @pytest.fixture

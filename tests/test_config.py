@@ -6,7 +6,8 @@ import pytest
 
 from connector import config
 from connector.config import ConfigError
-from conftest import dfinery_sync, make_users, run, user_row, write_config
+from vendor_cases.dfinery import dfinery_sync
+from warehouse import make_users, run, user_row, write_config
 
 
 @pytest.fixture

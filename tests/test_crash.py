@@ -13,14 +13,10 @@ from collections import Counter
 import pytest
 
 import failure_classes as fc
-import test_dfinery
-import test_engagelab
-import test_jiguang
-import test_moengage
-import test_tencent_im
-from conftest import table, user_row
+from warehouse import table, user_row
 from connector import state
 from crash_harness import POINTS, SCENARIOS, World, crash_figures, crash_round
+from vendor_cases import CASES
 
 slow = pytest.mark.skipif(os.environ.get("USERSYNC_SLOW") != "1", reason="set USERSYNC_SLOW=1")
 
@@ -147,14 +143,11 @@ def exact(figures) -> None:
 
 def test_the_expectation_from_the_mapping_is_each_vendor_tests_own():
     """``crash_harness.expected`` (mapping + rules + wire types) agrees with the expectations the
-    vendor test files write out by hand."""
-    hand = {"jiguang": test_jiguang.expected, "engagelab": test_engagelab.expected,
-            "dfinery": test_dfinery.expected_profile, "tencent_im": test_tencent_im.expected,
-            "moengage": test_moengage.expected, "moengage_bulk": test_moengage.expected}
+    vendor cases write out by hand."""
     for name, scenario in SCENARIOS.items():
         for i in range(12):
             row = user_row(i, points=scenario.first_points(i))
-            assert scenario.want(row) == hand[name](row), (name, i)
+            assert scenario.want(row) == CASES[name].expected(row), (name, i)
 
 
 @pytest.mark.parametrize("world", [("tencent_im", {}), ("moengage", {"cursor": False}), ("moengage_bulk", {})],

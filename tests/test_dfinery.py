@@ -10,19 +10,12 @@ import pytest
 import sqlalchemy as sa
 
 from connector import state
-from conftest import T0, USERS, dfinery_sync, make_users, run, table, update_users, user_row, write_config
+
+from vendor_cases.dfinery import dfinery_sync, expected_profile
+from warehouse import T0, USERS, make_users, run, table, update_users, user_row, write_config
+
 
 N = 40
-
-
-def expected_profile(row: dict) -> dict:
-    """The warehouse row as DFINERY should hold it — written out independently of the engine."""
-    signup = row["signup_at"].replace(tzinfo=dt.timezone.utc)
-    return {
-        "membership": row["plan"], "ltv": float(row["ltv"]), "orders": row["orders"], "subscribed": row["subscribed"],
-        "signup_at": signup.strftime("%Y-%m-%dT%H:%M:%S.") + f"{signup.microsecond // 1000:03d}Z",
-        "birthday": row["birthday"].isoformat(), "interests": json.loads(row["interests"]),
-    }
 
 
 @pytest.fixture
@@ -110,22 +103,6 @@ def test_boundary_rows_kept_as_text_without_fractions_are_not_lost(setup, dfiner
     second = run(cfg, "dfinery_users")
     assert second.users_read == 2 and second.users_delivered == 1
     assert dfinery.emulator.state()["u00006"]["membership"] == "gold"
-
-
-def test_vendor_rejection_is_recorded_and_retried_next_run(setup, dfinery):
-    cfg, rows, url = setup
-    dfinery.emulator.add_fault("code", code="40001", match='"u00007"')
-    s = run(cfg, "dfinery_users")
-    assert s.status == "partial" and s.users_rejected == 1 and s.users_delivered == N - 1
-    fails = table(url, state.failures)
-    assert [(f["user_key"], f["error_class"], f["code"]) for f in fails] == [("u00007", "rejected", "40001")]
-    assert fails[0]["message"] == "injected error"
-    assert "u00007" not in dfinery.emulator.state()
-    # next run: the cursor has moved past u00007, but its failure brings it back
-    s2 = run(cfg, "dfinery_users")
-    assert s2.status == "success" and s2.users_delivered == 1
-    assert dfinery.emulator.state()["u00007"] == expected_profile(rows[7])
-    assert table(url, state.failures) == []
 
 
 def test_unregistered_property_is_rejected_with_vendor_message(setup, dfinery, tmp_path):

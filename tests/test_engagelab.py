@@ -10,68 +10,13 @@ import json
 
 import pytest
 
-from connector import config, emulator, state
+from connector import config, state
 from connector.config import ConfigError
-from connector.vendors import engagelab
-from conftest import T0, make_users, run, table, update_users, user_row, write_config
+from connector.vendors import emulator
+from connector.vendors.engagelab import client, emulator as engagelab
 
-N = 24
-KEY, SECRET = "el-key-1", "el-secret-xyz"
-MAPPING = [
-    {"column": "plan", "attribute": "membership", "type": "STRING"},
-    {"column": "ltv", "attribute": "ltv", "type": "NUMBER"},
-    {"column": "orders", "attribute": "orders", "type": "NUMBER"},
-    {"column": "points", "attribute": "points", "type": "NUMBER", "rule": "increase"},
-    {"column": "subscribed", "attribute": "subscribed", "type": "BOOL"},
-    {"column": "signup_at", "attribute": "signup_at", "type": "DATETIME", "rule": "once"},
-    {"column": "birthday", "attribute": "birthday", "type": "DATETIME"},
-    {"column": "interests", "attribute": "interests", "type": "LIST", "rule": "list"},
-    {"column": "interests", "attribute": "interests_seen", "type": "LIST", "rule": "append"},
-    {"column": "note", "attribute": "note", "type": "STRING", "null": "unset"},
-]
-LATER = T0 + dt.timedelta(hours=1)
-
-
-def euid(i: int) -> int:
-    return 1_000_000 + i
-
-
-def rows_(n: int = N) -> list[dict]:
-    # points > 0 for everyone: an increase from nothing to 0 sends nothing
-    return [user_row(i, points=i * 10 + 5) for i in range(n)]
-
-
-def expected(row: dict, seen: list[str] | None = None) -> dict:
-    """What EngageLab should hold for a warehouse row (it holds no empty value)."""
-    out = {
-        "membership": row["plan"], "ltv": float(row["ltv"]), "orders": row["orders"], "points": row["points"],
-        "subscribed": bool(row["subscribed"]), "signup_at": row["signup_at"].strftime("%Y-%m-%d %H:%M:%S"),
-        "birthday": row["birthday"].strftime("%Y-%m-%d 00:00:00"),
-        "interests": sorted(json.loads(row["interests"])), "interests_seen": sorted(seen or json.loads(row["interests"])),
-        "note": row["note"],
-    }
-    return {k: v for k, v in out.items() if v not in (None, [])}
-
-
-def held(emu) -> dict:
-    """The emulator's state with list order ignored (add appends at the end)."""
-    return {u: {a: sorted(v) if isinstance(v, list) else v for a, v in p.items()} for u, p in emu.state().items()}
-
-
-def sent(emu, start: int = 0, who: int | None = None) -> list[tuple[int, str, dict]]:
-    return [(r["body"]["euid"], r["body"]["type"], r["body"]["properties"]) for r in emu.log[start:]
-            if who is None or r["body"]["euid"] == who]
-
-
-def el_sync(base_url: str, **over) -> dict:
-    sync = {
-        "name": "el_users", "source": {"table": "users"}, "identity": {"euid": "numeric_id"}, "cursor": "updated_at",
-        "vendor": {"type": "engagelab", "base_url": base_url, "backoff": 0.01,
-                   "credentials": {"api_key": "${TEST_EL_KEY}", "api_secret": "${TEST_EL_SECRET}"}},
-        "mapping": MAPPING,
-    }
-    sync.update(over)
-    return sync
+from vendor_cases.engagelab import KEY, LATER, MAPPING, N, SECRET, el_sync, euid, expected, held, rows_, sent
+from warehouse import T0, make_users, run, table, update_users, write_config
 
 
 @pytest.fixture
@@ -192,21 +137,6 @@ def test_an_empty_string_is_never_sent(setup, el):
     assert s2.status == "success" and held(el.emulator)[euid(6)] == expected({**rows[6], "note": None})
 
 
-def test_vendor_rejection_is_recorded_and_retried_next_run(setup, el):
-    cfg, rows, url = setup
-    el.emulator.add_fault("code", code=55102, match=f'"euid": {euid(8)},')
-    s = run(cfg, "el_users")
-    assert s.status == "partial" and s.users_rejected == 1 and s.users_delivered == N - 1
-    fails = table(url, state.failures)
-    assert [(f["user_key"], f["error_class"], f["code"]) for f in fails] == [("1000008", "rejected", "55102")]
-    assert fails[0]["message"] == "invalid user attributes"
-    assert euid(8) not in el.emulator.state()
-    s2 = run(cfg, "el_users")
-    assert s2.status == "success" and s2.users_delivered == 1
-    assert held(el.emulator)[euid(8)] == expected(rows[8])
-    assert table(url, state.failures) == []
-
-
 def test_unregistered_property_is_rejected_with_the_vendors_code(setup, el):
     cfg, rows, url = setup
     del el.emulator.properties["orders"]
@@ -323,9 +253,9 @@ def test_emulator_rate_limit_is_enforced_and_honoured(sqlite_url, tmp_path, monk
 
 def test_region_picks_the_host_and_base_url_overrides():
     creds = {"api_key": "k", "api_secret": "s"}
-    assert engagelab.Client(None, creds, {}).base_url == "https://ma-api.engagelab.com"
-    assert engagelab.Client(None, creds, {"region": "virginia"}).base_url == "https://ma-api-usva.engagelab.com"
-    assert engagelab.Client("http://127.0.0.1:9/", creds, {"region": "virginia"}).base_url == "http://127.0.0.1:9"
+    assert client.Client(None, creds, {}).base_url == "https://ma-api.engagelab.com"
+    assert client.Client(None, creds, {"region": "virginia"}).base_url == "https://ma-api-usva.engagelab.com"
+    assert client.Client("http://127.0.0.1:9/", creds, {"region": "virginia"}).base_url == "http://127.0.0.1:9"
 
 
 def test_config_refuses_what_engagelab_cannot_do(sqlite_url, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 import fault_harness as h
 from connector import vendors
-from connector.vendors import tencent_im
+from connector.vendors.tencent_im import settings as tencent_im
 
 
 @pytest.mark.parametrize(("vendor", "fault"), h.cells(), ids=[f"{v}-{f}" for v, f in h.cells()])
@@ -31,8 +31,7 @@ def test_fault_matrix(vendor, fault, tmp_path, monkeypatch):
     if fault in ("throttle_code", "throttle_429_reset"):
         # the retry waited as long as the vendor asked: its reset header (never longer than the
         # vendor's window, which is all a window limit can ask), or Tencent's 1-s window
-        module = vendors.module(vendor)
-        window = (module.LIMIT if hasattr(module, "LIMIT") else module.LIMITS["track"]).window
+        window = vendors.get(vendor).limit.window
         asked = tencent_im.LIMIT.window if vendor == "tencent_im" or fault == "throttle_code" \
             else min(h.THROTTLE_RESET, window)
         assert o.gap >= asked - 0.1

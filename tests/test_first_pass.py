@@ -4,7 +4,8 @@ are read again whole (SQLite and PostgreSQL; MySQL/MariaDB hash in Python, in on
 import sqlalchemy as sa
 
 from connector import config, engine, state
-from tests.conftest import USERS, dfinery_sync, make_users, run, update_users, user_row, write_config
+from vendor_cases.dfinery import dfinery_sync
+from warehouse import USERS, make_users, run, update_users, user_row, write_config
 
 
 def _plan(cfg_path, name="dfinery_users"):

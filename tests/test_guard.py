@@ -10,8 +10,8 @@ import json
 import pytest
 
 from connector import state
-from conftest import DFINERY_MAPPING, T0, dfinery_sync, make_users, run, table, update_users, user_row, write_config
-from test_cli import cli
+from vendor_cases.dfinery import DFINERY_MAPPING, dfinery_sync
+from warehouse import cli, make_users, run, T0, table, update_users, user_row, write_config
 
 N = 20
 LATER = T0 + dt.timedelta(hours=1)

@@ -13,57 +13,15 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from conftest import T0, make_users, run, table, update_users, user_row, write_config
-from connector import config, emulator, state
-from connector.vendors import jiguang
+from connector import config, state
+from connector.vendors import emulator
+from connector.vendors.jiguang import client, emulator as jiguang
+
+from vendor_cases.jiguang import CONSOLE, MAPPING, SECRET, cuid, expected, jiguang_sync
+from warehouse import T0, make_users, run, table, update_users, user_row, write_config
+
 
 N = 30
-SECRET = "sec-ret-jg-42"
-MAPPING = [
-    {"column": "plan", "attribute": "membership", "type": "String", "rule": "overwrite"},
-    {"column": "ltv", "attribute": "ltv", "type": "Number"},
-    {"column": "orders", "attribute": "orders", "type": "Long", "rule": "set"},
-    {"column": "points", "attribute": "points", "type": "Long", "rule": "accumulate"},
-    {"column": "subscribed", "attribute": "subscribed", "type": "Boolean"},
-    {"column": "signup_at", "attribute": "signup_at", "type": "Datetime", "rule": "once"},
-    {"column": "birthday", "attribute": "birthday", "type": "Datetime"},
-    {"column": "interests", "attribute": "interests", "type": "List", "rule": "append"},
-]
-CONSOLE = {"membership": "overwrite", "ltv": "overwrite", "orders": "overwrite", "points": "accumulate",
-           "subscribed": "overwrite", "signup_at": "once", "birthday": "overwrite", "interests": "append"}
-
-
-def cuid(i: int) -> int:
-    return 1_000_000 + i
-
-
-def expected(row: dict) -> dict:
-    """The warehouse row as Jiguang should hold it — written out independently of the engine.
-
-    A zero accumulate and an empty append list are never sent (nothing to add)."""
-    out = {"membership": row["plan"], "ltv": float(row["ltv"]), "orders": row["orders"],
-           "subscribed": 1 if row["subscribed"] else 0,
-           "signup_at": row["signup_at"].strftime("%Y-%m-%d %H:%M:%S"),
-           "birthday": row["birthday"].strftime("%Y-%m-%d") + " 00:00:00"}
-    if row["points"]:
-        out["points"] = row["points"]
-    if json.loads(row["interests"]):
-        out["interests"] = json.loads(row["interests"])
-    return out
-
-
-def jiguang_sync(base_url: str, **over) -> dict:
-    sync = {
-        "name": "jiguang_users",
-        "source": {"table": "users"},
-        "identity": {"cuid": "numeric_id"},
-        "cursor": "updated_at",
-        "vendor": {"type": "jiguang", "base_url": base_url, "settings": {"project_id": "proj-7"},
-                   "credentials": {"project_secret": "${TEST_JIGUANG_SECRET}"}, "backoff": 0.01},
-        "mapping": MAPPING,
-    }
-    sync.update(over)
-    return sync
 
 
 @pytest.fixture
@@ -301,7 +259,7 @@ def test_project_id_is_required(tmp_path, monkeypatch):
 
 
 def test_jiguang_rule_names_and_aliases_map_to_engine_rules():
-    assert {r: jiguang.Client.rules[r] for r in ("once", "overwrite", "accumulate", "append", "set", "increase")} == {
+    assert {r: client.Client.rules[r] for r in ("once", "overwrite", "accumulate", "append", "set", "increase")} == {
         "once": "once", "overwrite": "set", "accumulate": "increase", "append": "append",
         "set": "set", "increase": "increase"}
 

@@ -22,7 +22,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from conftest import USERS, table
+from warehouse import USERS, table
 from connector import state
 from crash_harness import POINTS, SCENARIOS, World
 

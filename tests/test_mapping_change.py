@@ -18,15 +18,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import test_engagelab as el_
-import test_jiguang as jg_
-import test_moengage as moe_
-import test_tencent_im as tim_
-from conftest import DFINERY_MAPPING, T0, dfinery_sync, make_users, run, table, update_users, user_row, write_config
-from connector import cli, config, emulator, engine, mapping, state
+from vendor_cases import engagelab as el_, jiguang as jg_, moengage as moe_, tencent_im as tim_
+from vendor_cases.dfinery import DFINERY_MAPPING, dfinery_sync, expected_profile
+from warehouse import T0, make_users, run, table, update_users, user_row, write_config
+from connector import cli, config, engine, mapping, state
+from connector.vendors import emulator
 from connector.config import ConfigError
-from connector.vendors import dfinery, engagelab, jiguang, moengage, tencent_im
-from test_dfinery import expected_profile
+from connector.vendors.dfinery import emulator as dfinery
+from connector.vendors.engagelab import emulator as engagelab
+from connector.vendors.jiguang import emulator as jiguang
+from connector.vendors.moengage import emulator as moengage
+from connector.vendors.tencent_im import emulator as tencent_im
 
 N = 30
 

@@ -20,8 +20,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from connector import migrations, state
-from conftest import dfinery_sync, make_users, user_row, write_config
-from test_cli import cli
+from vendor_cases.dfinery import dfinery_sync
+from warehouse import cli, make_users, user_row, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FD24D1F = Path(__file__).parent / "schema_fd24d1f"

@@ -15,10 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from connector import config, demo, demo_run, emulator, engine, push as pushing
+from connector import config, demo, demo_run, engine, push as pushing
+
+from connector.vendors import emulator
 from connector.airflow import tasks
 from connector.transport import MARGIN, RateLimiter, Senders
-from connector.vendors import dfinery
+from connector.vendors.dfinery import client as dfinery_client, emulator as dfinery
 from connector.vendors.base import Limit, wait_seconds
 
 
@@ -158,7 +160,7 @@ def test_senders_never_exceed_their_maximum_nor_let_more_work_than_allowed():
 @pytest.mark.parametrize("unit", ["seconds", "epoch", "epoch_ms"])
 def test_dfinery_reset_header_is_read_in_any_unit_and_capped_by_the_window(unit):
     emu = dfinery.Emulator(service_id="svc", access_token="tok", reset_unit=unit)
-    client = dfinery.Client(None, {"access_token": "tok"}, {"service_id": "svc"})
+    client = dfinery_client.Client(None, {"access_token": "tok"}, {"service_id": "svc"})
     with emulator.Running(emu) as running:
         for asked, expected in [(20, 20), (10**7, dfinery.LIMIT.window)]:
             emu.add_fault("throttle", delay=asked)
@@ -171,7 +173,8 @@ def test_dfinery_reset_header_is_read_in_any_unit_and_capped_by_the_window(unit)
 
 @pytest.mark.timeout(120)
 def test_a_throttled_push_with_a_reset_in_epoch_milliseconds_waits_and_delivers(sqlite_url, tmp_path, monkeypatch):
-    from conftest import DFINERY_MAPPING, dfinery_sync, make_users, run, user_row, write_config
+    from vendor_cases.dfinery import DFINERY_MAPPING, dfinery_sync
+    from warehouse import make_users, run, user_row, write_config
 
     monkeypatch.setenv("TEST_DFINERY_TOKEN", "tok")
     emu = dfinery.Emulator(service_id="svc-1", access_token="tok", reset_unit="epoch_ms",

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 from connector import config, engine, push, state
 from connector.vendors.base import Kind, Verdict
-from conftest import make_users, user_row, write_config
-from test_tencent_im import KEY, tencent_sync
+from warehouse import make_users, user_row, write_config
+from vendor_cases.tencent_im import KEY, tencent_sync
 
 N = 30
 

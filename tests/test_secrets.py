@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 import fault_harness as h
 from connector import state
-from conftest import dfinery_sync, make_users, run, table, user_row, write_config
-from test_cli import cli
+from vendor_cases.dfinery import dfinery_sync
+from warehouse import cli, make_users, run, table, user_row, write_config
 
 
 def credentials_seen(emu) -> set[str]:

@@ -27,8 +27,10 @@ import requests
 import sqlalchemy as sa
 
 from airflow_helpers import BIN, airflow_env, make_home
-from conftest import DFINERY_MAPPING, dfinery_sync, make_users, table, user_row, write_config
-from connector import emulator, state
+from vendor_cases.dfinery import DFINERY_MAPPING, dfinery_sync
+from warehouse import make_users, table, user_row, write_config
+from connector import state
+from connector.vendors import emulator
 
 pytestmark = pytest.mark.ui
 HERE = Path(__file__).resolve().parent
@@ -65,7 +67,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from connector.vendors import dfinery
+    from connector.vendors.dfinery import emulator as dfinery
 
     tmp = tmp_path_factory.mktemp("ui")
     warehouse = f"sqlite:///{tmp / 'warehouse.db'}"

@@ -21,9 +21,11 @@ import pytest
 import sqlalchemy as sa
 
 import fault_harness as h
-from connector import config, emulator, engine, state
-from connector.vendors import engagelab, jiguang
-from conftest import update_users, write_config
+from connector import config, engine, state
+from connector.vendors import emulator
+from connector.vendors.engagelab import emulator as engagelab
+from connector.vendors.jiguang import emulator as jiguang
+from warehouse import update_users, write_config
 
 TOP, BOTTOM, PAST_DOUBLE = 2**63 - 1, -(2**63), 2**53 + 1
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)  # as conftest's users table

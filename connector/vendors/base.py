@@ -1,9 +1,9 @@
 """The contract every vendor module fulfils.
 
-A vendor module holds the vendor's whole behaviour in one place: its settings (types,
-update rules, limits, error codes), the client half (how a batch of changes becomes
-HTTP requests and how a response becomes a verdict per user) and the emulator half
-(the same rules, enforced by a local HTTP server; see ``connector.emulator``).
+A vendor's folder holds its whole behaviour in one place: its settings (types, update
+rules, limits, error codes), the client (how a batch of changes becomes HTTP requests and
+how a response becomes a verdict per user: this contract) and the emulator (the same
+rules, enforced by a local HTTP server; see ``connector.vendors.emulator``).
 
 The engine only ever talks to a vendor through :class:`Vendor`:
 
@@ -22,12 +22,12 @@ import email.utils
 import enum
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import requests
 
-from connector.coerce import Coercer
+from connector.wire import Coercer
 
 
 class Op(str, enum.Enum):
@@ -84,6 +84,13 @@ class Request:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     attributes: tuple[str, ...] | None = None  # None: every attribute of the batch
+
+
+# How a vendor sends a request of its own before the first batch (``Vendor.prepare``):
+# ``call(build)`` sends ``build()`` through the push's transport, paced by its limiter and
+# retried by its policy as a batch's request is (built afresh for each attempt), and gives
+# the last verdict (``Vendor.verdict``) with its response (None when none came).
+Call = Callable[[Callable[[], "Request"]], tuple["Verdict", "requests.Response | None"]]
 
 
 class Kind(str, enum.Enum):
@@ -189,8 +196,9 @@ class Vendor:
         """Vendor-specific checks of a sync spec: yields (field, message)."""
         return ()
 
-    def prepare(self, session: requests.Session, spec: Any) -> None:
-        """Called once before the first batch (e.g. read registered names)."""
+    def prepare(self, call: Call, spec: Any) -> None:
+        """Called once before the first batch (e.g. read registered names); ``call`` sends a
+        request of the vendor's own (see :data:`Call`)."""
 
     # -- per batch ------------------------------------------------------------------
     def batches(self, changes: list[Change]) -> Iterator[list[Change]]:

@@ -4,8 +4,12 @@ This module is the shared machinery — serving, a request log, a rate-limit win
 fault injection. The window is the vendor's declared :class:`~connector.vendors.base.Limit`,
 held as a sliding window (the strictest reading: a client that never overfills a sliding
 window never overfills a fixed one), counted when a request arrives, as a vendor's gateway
-counts it; the added ``latency`` then delays the answer. Each vendor module defines an ``Emulator`` subclass with the vendor's
-own rules: routes, auth, body checks, error codes and what it stores.
+counts it; the added ``latency`` then delays the answer. Each vendor's ``emulator.py``
+defines an ``Emulator`` subclass with the vendor's own rules: routes, auth, body checks,
+error codes and what it stores.
+
+Never imported by a production run (it pulls in ``http.server``): only by the tests, the
+demo, the bench and ``usersync emulators``.
 
 Admin endpoints (for tests and for a person poking at ``usersync emulators``):
 
@@ -30,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from connector import vendors
 from connector.vendors.base import Limit
 
 log = logging.getLogger("usersync.emulator")
@@ -68,6 +73,7 @@ class Emulator:
     rate_limit: float | None = None  # what one window holds (default: limit.count; None: no limit)
     latency: float = 0.0  # seconds added to every answer (a real vendor is not on loopback): the median
     latency_sigma: float = 0.0  # > 0: each answer's latency is lognormal around that median, this shape
+    stores: tuple[str, ...] = ()  # the attributes holding what the vendor holds: emptied by reset()
 
     def __init__(self, **settings: Any):
         self.lock = threading.RLock()
@@ -85,8 +91,10 @@ class Emulator:
 
     # -- vendor hooks --------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything received (subclasses clear their stores and call super)."""
+        """Forget everything received and held (each of ``stores`` made empty again)."""
         with self.lock:
+            for name in self.stores:
+                setattr(self, name, type(getattr(self, name))())
             self.log.clear()
             self.faults.clear()
             self._window.clear()
@@ -304,13 +312,11 @@ class Running:
 def start_all(specs=(), host: str = "127.0.0.1", ports: bool = True) -> dict[str, Running]:
     """Start every vendor's emulator, registering what ``specs`` map for it.
 
-    With ``ports`` each serves on its vendor module's fixed ``PORT``; else on a free port.
+    With ``ports`` each serves on its emulator module's fixed ``PORT``; else on a free port.
     """
-    from connector import vendors
-
     running = {}
     for name in vendors.names():
-        mod = vendors.module(name)
+        mod = vendors.emulator_module(name)
         mine = [s for s in specs if s.vendor.type == name]
         running[name] = Running(mod.emulator(mine), host, mod.PORT if ports else 0)
     return running

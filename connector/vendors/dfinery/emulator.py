@@ -1,102 +1,15 @@
-"""DFINERY — user profile API (``seeds/dfinery-user-profile.txt``, VENDORS.md §5).
-
-``POST {base}/api/v1/user-profile?service_id=…`` with header ``access_token``; one profile
-a call; body ``{"identity": {...}, "user_properties": {...}, "request_datetime": ISO UTC}``.
-The body's ``code`` is the verdict, not the HTTP status. 10,000 requests a minute [doc]; the
-unit of ``X-Rate-Limit-Reset`` is not documented, so every form is read (``wait_seconds``).
-
-NULL (the mapping's ``null:``): ``skip`` (the value DFINERY has stays) or ``send`` (the
-property is sent as JSON ``null``). The docs name no call that removes a property: no ``unset``.
-"""
+"""The DFINERY emulator: the same rules as the client's, enforced by a strict stand-in on
+loopback (for the tests, the demo, the bench and ``usersync emulators``; never a production run)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import time
 from typing import Any
 
-import requests
+from connector.vendors.dfinery.settings import IDENTITY_FIELDS, LIMIT, OK, PATH
+from connector.vendors.emulator import Emulator as _EmulatorBase
 
-from connector.coerce import Coercer
-from connector.emulator import Emulator as _EmulatorBase
-from connector.vendors.base import Change, Kind, Limit, Op, Request, Vendor, Verdict, json_body, wait_seconds
-
-# -- settings: everything the docs fix -------------------------------------------------
-BASE_URL = "https://openapi.dfinery.ai"
-PATH = "/api/v1/user-profile"
-LIMIT = Limit(10_000, 60.0)  # profile API: 10,000 requests a minute [doc]
-IDENTITY_FIELDS = ("external_id", "phone_no", "email", "kakao_user_id", "line_user_id")
-DATETIME = "%Y-%m-%dT%H:%M:%S.%3fZ"  # yyyy-MM-dd'T'HH:mm:ss.SSSZ, UTC
-TYPES = {
-    "string": Coercer("string"),
-    "long": Coercer("long"),
-    "double": Coercer("double"),
-    "boolean": Coercer("boolean"),
-    "datetime": Coercer("datetime", fmt=DATETIME),
-    "date": Coercer("date", fmt="%Y-%m-%d"),
-    "array": Coercer("list", item="string"),
-    "array<string>": Coercer("list", item="string"),
-    "array<long>": Coercer("list", item="long"),
-    "array<double>": Coercer("list", item="double"),
-}
-OK = "20000"
-PERMANENT = {"40000": "bad request", "40001": "bad request"}  # reject the user
-STOP = {"40101": "invalid service id", "40201": "invalid access token"}  # nothing can succeed
-THROTTLED = {"40401"}  # usage limit: wait for X-Rate-Limit-Reset, retry
-TOO_MANY = {"40402", "40403"}  # too many in one request: split
-RETRYABLE = {"50000"}
-
-
-class Client(Vendor):
-    name = "dfinery"
-    types = TYPES
-    rules = {"set": "set", "once": "once"}
-    null_policies = frozenset({"skip", "send"})  # no delete call: NULL can only be sent as null
-    max_users = 1
-    limit = LIMIT
-    default_base_url = BASE_URL
-    identity_fields = IDENTITY_FIELDS
-    credentials = ("access_token",)
-    settings = ("service_id",)
-    required_settings = ("service_id",)
-    conn_fields = {"service_id": "login", "access_token": "password"}
-
-    def request(self, batch: list[Change]) -> Request:
-        (change,) = batch
-        props = {attr: value for attr, op, value in change.ops if op.sets}
-        now = dt.datetime.now(dt.timezone.utc)
-        return Request(
-            "POST", self.base_url + PATH, keys=(change.key,),
-            params={"service_id": self.settings_["service_id"]},
-            headers={"access_token": self.creds["access_token"], "Content-Type": "application/json"},
-            json={"identity": {k: str(v) for k, v in change.identity.items()}, "user_properties": props,
-                  "request_datetime": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"},
-        )
-
-    def verdict(self, request: Request, response: requests.Response) -> Verdict:
-        body = json_body(response)
-        wait = wait_seconds(response, "X-Rate-Limit-Reset", "Retry-After", cap=self.limit.window)
-        if body is None:
-            if response.status_code == 429:
-                return Verdict(Kind.RETRY, "429", "rate limited", wait=wait or 1.0)
-            return Verdict(Kind.RETRY, str(response.status_code), f"unreadable body: {response.text[:200]!r}",
-                           ambiguous=True)
-        code, message = str(body.get("code", "")), str(body.get("message", ""))
-        if code == OK and body.get("status") is True:
-            return Verdict(Kind.DELIVERED, code, message)
-        if code in STOP:
-            return Verdict(Kind.STOP, code, message or STOP[code])
-        if code in THROTTLED or response.status_code == 429:
-            return Verdict(Kind.RETRY, code, message, wait=wait or 1.0)
-        if code in TOO_MANY:
-            return Verdict(Kind.SPLIT, code, message)
-        if code in PERMANENT or 400 <= response.status_code < 500:
-            return Verdict(Kind.REJECTED, code or str(response.status_code), message)
-        return Verdict(Kind.RETRY, code or str(response.status_code), message)
-
-
-# -- emulator: the same rules, enforced ---------------------------------------------------
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?Z$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -113,6 +26,7 @@ class Emulator(_EmulatorBase):
     name = "dfinery"
     routes = {("POST", PATH): "user_profile"}
     limit = LIMIT
+    stores = ("profiles",)
 
     def __init__(self, service_id: str = "demo-service", access_token: str = "demo-token",
                  properties: dict[str, str] | None = None, rate_limit: float = LIMIT.count,
@@ -122,11 +36,6 @@ class Emulator(_EmulatorBase):
         super().__init__(rate_limit=rate_limit)
         self.service_id, self.access_token = service_id, access_token
         self.properties = {k: v.lower() for k, v in (properties or {}).items()}
-
-    def reset(self) -> None:
-        with self.lock:
-            self.profiles = {}
-        super().reset()
 
     def state(self) -> dict[str, dict[str, Any]]:
         with self.lock:
