@@ -37,9 +37,9 @@ emulators: $(STAMP)
 airflow: $(STAMP)
 	$(BIN)/python -m connector.airflow.standalone --dir demo
 
-# Airflow on the CeleryExecutor: Redis broker, PostgreSQL metadata database, two workers
+# Airflow on the CeleryExecutor: Redis broker, PostgreSQL metadata database, two workers (the
+# celery extra comes with the test extra)
 airflow-celery: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[celery]'
 	$(BIN)/python -m connector.airflow.celery_deploy --dir demo
 
 ddl: $(STAMP)

@@ -353,14 +353,14 @@ class World:
                 c.execute(self.table.update().where(self.table.c.user_id == user_id).values(**values))
         eng.dispose()
 
-    def mutate(self) -> dict[str, dict[str, Any]]:
-        """About half the users change: points grow, lists gain an item, plan and the flag move.
-        Returns what each changed user had before (see :meth:`go_back`)."""
+    def mutate(self, share: float = 0.5) -> dict[str, dict[str, Any]]:
+        """About ``share`` of the users change: points grow, lists gain an item, plan and the flag
+        move. Returns what each changed user had before (see :meth:`go_back`)."""
         self.round += 1
         when = T0 + dt.timedelta(hours=self.round)
         changes, before = {}, {}
         for row in self.rows:
-            if self.rng.random() < 0.5:
+            if self.rng.random() < 1 - share:
                 continue
             before[row["user_id"]] = {k: row[k] for k in ("points", "plan", "subscribed", "orders")}
             changes[row["user_id"]] = {
