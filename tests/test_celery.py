@@ -1,7 +1,8 @@
 """Scale-out on a real distributed executor: Airflow 3.3 on the CeleryExecutor with two workers
 (``connector/airflow/celery_deploy.py``), Redis, PostgreSQL, a Jiguang emulator in its own
-process, 20,000 users over 4 shards (``tests/celery_harness.py``). Minutes, not seconds: the
-tests share one deployment and run in file order (each builds on the state the one before left)."""
+process, 20,000 users over 4 shards, then 4,000 changed with a worker killed mid-push, then
+three runs started at once (``tests/celery_harness.py``). About 6.5 minutes: the tests share
+one deployment and run in file order (each builds on the state the one before left)."""
 
 from __future__ import annotations
 
