@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 help:
 	@echo "make demo       build a demo warehouse, sync it to the vendor emulators, twice"
-	@echo "make test       run the whole test suite (SQLite; PostgreSQL/MariaDB when their URLs are set)"
+	@echo "make test       run the whole test suite (SQLite; PostgreSQL/MariaDB when their URLs are set;"
+	@echo "                Airflow on Celery when Redis answers on 127.0.0.1:6379 and PostgreSQL is set)"
 	@echo "make bench      run the benchmarks, write bench/results.md and bench/results.json"
 	@echo "make emulators  serve the vendor emulators for demo/syncs.yaml in the foreground"
 	@echo "make airflow-celery  Airflow on the CeleryExecutor (Redis, PostgreSQL, 2 workers) with the demo syncs"
@@ -37,9 +38,9 @@ emulators: $(STAMP)
 airflow: $(STAMP)
 	$(BIN)/python -m connector.airflow.standalone --dir demo
 
-# Airflow on the CeleryExecutor: Redis broker, PostgreSQL metadata database, two workers
+# Airflow on the CeleryExecutor: Redis broker, PostgreSQL metadata database, two workers (the
+# celery extra comes with the test extra)
 airflow-celery: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[celery]'
 	$(BIN)/python -m connector.airflow.celery_deploy --dir demo
 
 ddl: $(STAMP)

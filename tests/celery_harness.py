@@ -15,6 +15,7 @@ an ``accumulate`` rule (``points``), where a request applied twice would show.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import time
 import uuid
@@ -33,9 +34,12 @@ from connector.vendors.jiguang import settings as jiguang
 
 N_USERS = 20_000
 SHARDS = 4
-LIMIT = jiguang.QPS  # requests a second, as Jiguang documents it (the emulator's window)
-WINDOW = 1.0
+LIMIT = jiguang.LIMIT.count  # requests in one window, as Jiguang documents it (the emulator's window)
+WINDOW = jiguang.LIMIT.window
 POSTGRES = os.environ.get("USERSYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+# the killed sync: a fifth of the users change (4,000: ~40 s of pushing, enough to kill a
+# worker mid-push and see the survivor finish, and short enough for CI)
+KILLED_SHARE = 0.2
 # the tasks' retries, quick: a plan that finds the sync locked tries again every 3 s (for up to
 # 6 min), a push whose worker died is retried 1 s after Airflow noticed
 KNOBS = {"USERSYNC_LOCK_RETRIES": "120", "USERSYNC_LOCK_RETRY_DELAY": "3", "USERSYNC_PUSH_RETRY_DELAY": "1"}
@@ -46,8 +50,19 @@ class ScaleOut:
 
     def __init__(self, workdir: Path, users: int = N_USERS):
         self.scenario = SCENARIOS["jiguang"]
+        self.workdir = Path(workdir)
         self.db_url, self._drop = _fresh_database(POSTGRES)
         self.world = World(self.scenario, workdir, db_url=self.db_url, users=users)
+        # the vendor runs on machines of its own, not on the client's CPUs: here it shares two
+        # cores with a dozen Airflow processes, and a vendor process waiting for the CPU would
+        # see requests arrive bunched that were sent evenly (root only; else as it is). Linux
+        # keeps a nice value per thread: each of them, and the threads they start inherit it.
+        pid = self.world.vendor.proc.pid
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), -10)
+        except (PermissionError, FileNotFoundError):
+            pass
         # the world's own config is tuned for quick crash loops (8-row chunks, a 1 s lock
         # timeout); this one is a sync as a user would write it, over 4 shards
         sync = self.scenario.sync(self.world.vendor.url, shards=SHARDS)
@@ -86,12 +101,12 @@ class ScaleOut:
         outcome = self.deployment.wait_run(self.dag_id, self.scheduled)
         return {"dag_run": outcome, **self.run_figures(self.scheduled, t0), "check": dict(self.world.check())}
 
-    def killed_sync(self, at: float = 0.25) -> dict[str, Any]:
-        """About half the users change (points grow, lists gain an item, plans move); a manual
-        run; the worker that sent the first batch is SIGKILLed, with its task processes, once it
-        has sent ``at`` of its share. Airflow notices the dead tasks by their heartbeat and
-        retries them on the other worker. A next run then re-sends what was left in doubt."""
-        self.world.mutate()
+    def killed_sync(self, changed: float = KILLED_SHARE, at: float = 0.25) -> dict[str, Any]:
+        """A ``changed`` share of the users change (points grow, lists gain an item, plans move);
+        a manual run; the worker that sent the first batch is SIGKILLed, with its task processes,
+        once it has sent ``at`` of its share. Airflow notices the dead tasks by their heartbeat
+        and retries them on the other worker. A next run then re-sends what was left in doubt."""
+        self.world.mutate(changed)
         t0 = time.time()
         run_id = self.trigger()
         sync_run = self._sync_run(run_id)
@@ -182,6 +197,9 @@ class ScaleOut:
         arrived = [q["at"] for q in requests.get(self.world.vendor.url + "/_emulator/requests", timeout=120).json()
                    if start - 1 <= q["at"] <= end + 5]
         arrived.sort()
+        # what the vendor and sync_batches saw, kept beside the deployment's logs for a post-mortem
+        (self.workdir / f"run-{sync_run}.json").write_text(json.dumps(
+            {"arrived": arrived, "batches": rows}, default=str))
         r = state.get_run(self.world.state, sync_run)
         dr = self.deployment.api("GET", f"dags/{self.dag_id}/dagRuns/{dag_run}")
         wall = _ts(dr["end_date"]) - t0
@@ -193,7 +211,12 @@ class ScaleOut:
             "shards": len({row["shard"] for row in rows}), "workers": dict(spread),
             "shards_by_worker": {w: sorted({row["shard"] for row in rows if row["worker"] == w}) for w in spread},
             "requests_at_vendor": len(arrived), "attempts": sum(row["attempts"] for row in rows),
-            "throttled": sum(row["attempts"] - 1 for row in rows) + sum(row["http_status"] == 429 for row in rows),
+            # retried attempts (the emulator injects no other faults: each was a 429) and final 429s;
+            # a dead try's in-doubt rows record no attempt
+            "throttled": sum(max(row["attempts"] - 1, 0) + (row["http_status"] == 429) for row in rows),
+            # start to answer, as the pushes saw it: the 10 ms the emulator adds, and waiting for a CPU
+            "latency_p50_ms": _quantile([row["latency_ms"] for row in rows if row["latency_ms"]], 0.5),
+            "latency_p99_ms": _quantile([row["latency_ms"] for row in rows if row["latency_ms"]], 0.99),
             "push_s": round(arrived[-1] - arrived[0], 1),
             "rate": round((len(arrived) - 1) / (arrived[-1] - arrived[0]), 2),
             "rate_vs_limit": round((len(arrived) - 1) / (arrived[-1] - arrived[0]) / LIMIT, 3),
@@ -241,10 +264,11 @@ class ScaleOut:
         return state.get_run(self.world.state, sync_run)["users_changed"]
 
     def _in_doubt(self, sync_run: int) -> int:
-        f = state.failures
+        """Users the run flagged in doubt (the settle of a dead try writes them as in_doubt batches)."""
+        b = state.batches
         with self.world.state.connect() as c:
-            return c.execute(sa.select(sa.func.count()).where(f.c.run_id == sync_run,
-                                                              f.c.error_class == "in_doubt")).scalar()
+            return c.execute(sa.select(sa.func.coalesce(sa.func.sum(b.c.users), 0)).where(
+                b.c.run_id == sync_run, b.c.outcome == "in_doubt")).scalar()
 
     def _last_sync_run(self) -> int:
         with self.world.state.connect() as c:
@@ -275,6 +299,10 @@ def peak_fixed(times: list[float], window: float) -> int:
         count += 1
         best = max(best, count)
     return best
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return round(sorted(values)[int(q * (len(values) - 1))], 1) if values else None
 
 
 def _ts(text: str) -> float:

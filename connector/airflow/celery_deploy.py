@@ -65,13 +65,18 @@ class Deployment:
 
     ``env``: more environment for every component (the syncs' secrets, USERSYNC_* knobs);
     ``quick_failover``: notice a dead task in seconds rather than minutes (tests).
+    ``concurrency``: task slots of each worker, by default a push pool's size: one worker alone
+    can then run every push the pool lets through, so when another worker dies its pushes are
+    retried at once, not after the survivor's own pushes have finished.
     """
 
-    def __init__(self, home: Path, config: Path, *, port: int = 8080, workers: int = 2, concurrency: int = 2,
+    def __init__(self, home: Path, config: Path, *, port: int = 8080, workers: int = 2, concurrency: int | None = None,
                  database: str = "usersync_airflow", server: str = POSTGRES, broker: str = REDIS,
                  env: dict[str, str] | None = None, drop_database: bool = False, quick_failover: bool = False):
         self.home, self.config = Path(home).resolve(), Path(config).resolve()
-        self.port, self.concurrency, self.broker = port or free_port(), concurrency, broker
+        from connector.airflow.tasks import pool_slots
+
+        self.port, self.concurrency, self.broker = port or free_port(), concurrency or pool_slots(), broker
         self.server, self.database, self.drop_database = server, database, drop_database
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = f"usersync-{database}:"  # every broker key of this deployment
