@@ -18,11 +18,14 @@ Admin endpoints (for tests and for a person poking at ``usersync emulators``):
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
 import random
 import socket
+import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -210,16 +213,55 @@ class Req:
     json: Any  # parsed body, or None when it is not JSON
 
 
+# The kernel's receive time of a connection's bytes (Linux: SO_TIMESTAMPNS, not in Python's socket module).
+_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+_TIMESPEC = struct.Struct("@ll")
+
+
+class _Received(io.RawIOBase):
+    """A connection's bytes as they are read, each read noting when the kernel received them:
+    a vendor's gateway counts a request when it arrives, not when this process's thread gets
+    the CPU to parse it (on a loaded machine, tens of milliseconds later, which bunched the
+    window's count by as much)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.at = sock, None  # at: time.time() of the last read's bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n, ancillary, _, _ = self.sock.recvmsg_into([buffer], socket.CMSG_SPACE(_TIMESPEC.size))
+        for _, kind, data in ancillary:
+            if kind == _TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                self.at = seconds + nanoseconds / 1e9
+        return n
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go as two writes: without this, a 40 ms delayed-ACK stall
     server: _Server
+    _received: _Received | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, _TIMESTAMPNS, 1)
+        except (OSError, TypeError):  # not Linux: counted when the head is parsed
+            return
+        self._received = _Received(self.connection)
+        self.rfile = io.BufferedReader(self._received)
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s " + fmt, self.server.emulator.name, *args)
 
     def _serve(self) -> None:
-        arrived = time.monotonic()  # its head is read: counted from here, before the body is parsed
+        # its head is read: counted from when its bytes arrived (else from now), before the body is parsed
+        arrived = time.monotonic()
+        if self._received is not None and self._received.at is not None:
+            arrived -= max(0.0, time.time() - self._received.at)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         url = urlsplit(self.path)

@@ -424,7 +424,7 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
             if not intend(job.batch, job.intended):
                 return _Sent(job, None, attempts)
         prepared = transport.prepare(req) if req is not None else None
-        limiter.acquire(len(job.batch))
+        start = limiter.acquire(len(job.batch))
         if stop.is_set():
             return _Sent(job, None, attempts)
         if prepared is None:
@@ -437,7 +437,7 @@ def _send_part(job: _Job, index: int, carried, vendor, transport, limiter, stop,
         t0 = time.monotonic()
         attempts += 1
         try:
-            resp = transport.send(prepared)
+            resp = transport.send(prepared, start.left)
             verdict, status = vendor.verdict(req, resp), resp.status_code
         except requests.RequestException as e:
             verdict, status = transport_verdict(e), None
