@@ -247,16 +247,18 @@ def _written() -> None:
         left()
 
 
-class _Connection(connection.HTTPConnection):
+class _Reporting:
     def request(self, *args, **kwargs):
         super().request(*args, **kwargs)
         _written()
 
 
-class _TLSConnection(connection.HTTPSConnection):
-    def request(self, *args, **kwargs):
-        super().request(*args, **kwargs)
-        _written()
+class _Connection(_Reporting, connection.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_Reporting, connection.HTTPSConnection):
+    pass
 
 
 class _Pool(connectionpool.HTTPConnectionPool):
