@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for latency in latencies:  # vendors interleaved with latencies: a change of load spreads over all
         for vendor in vendors:
             seconds = long if latency == LONG and push.limit(vendor).window >= 60 else short
-            pushed[vendor][latency] = _child("bench.push", vendor, str(work), str(seconds), latency)
+            busy = round(os.getloadavg()[0], 2)  # the machine is shared: what else ran, run by run
+            pushed[vendor][latency] = {**_child("bench.push", vendor, str(work), str(seconds), latency), "load": busy}
             print(f"  push {vendor:<15} {latency:<10} {json.dumps(pushed[vendor][latency])}", flush=True)
     raw["push"] = pushed
     raw["push_machine"] = {**_machine(push_started, push_load), "mode": mode}

@@ -9,8 +9,10 @@ waiting. The emulator's own pauses are not what this measures; the process lives
 
 ``python -m bench.serve VENDOR LATENCY CONFIG [SIGMA]`` prints the emulator's URL, serves until
 its standard input closes, then prints a JSON line: requests received (each request's path,
-arrival time and what it counts against the limit) and throttled answers. LATENCY is added
-to every answer; with SIGMA, it is the median of a lognormal latency of that shape.
+arrival time and what it counts against the limit), throttled answers, and when the first
+request arrived while another was still being answered (``overlap``: the push's start is
+over). LATENCY is added to every answer; with SIGMA, it is the median of a lognormal
+latency of that shape.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import threading
+import time
 
 from connector import config, vendors
 
@@ -38,10 +42,25 @@ def main(vendor: str, latency: float, path: str, sigma: float = 0.0) -> None:
         return answer(*args, **kw)
 
     emu.throttled = counted
+    handle, lock, answering, overlap = emu.handle, threading.Lock(), 0, None
+
+    def handled(req, arrived):
+        nonlocal answering, overlap
+        with lock:
+            answering += 1
+            if answering > 1 and overlap is None:
+                overlap = time.time() - (time.monotonic() - arrived)  # as the log's arrival times
+        try:
+            return handle(req, arrived)
+        finally:
+            with lock:
+                answering -= 1
+
+    emu.handle = handled
     with emulator.Running(emu) as running:
         print(running.url, flush=True)
         sys.stdin.read()
-    print(json.dumps({"requests": len(emu.log), "throttled": throttled,
+    print(json.dumps({"requests": len(emu.log), "throttled": throttled, "overlap": overlap,
                       "arrivals": [(r["path"], r["at"], r["cost"]) for r in emu.log]}), flush=True)
 
 

@@ -406,7 +406,7 @@ def _send_part(ctx: _Push, job: Job, index: int, carried, attempts: int, req=Non
             if not _intend(ctx, job.batch, job.intended):
                 return Sent(job, None, attempts)
         prepared = transport.prepare(req) if req is not None else None
-        limiter.acquire(len(job.batch))
+        start = limiter.acquire(len(job.batch))
         if stop.is_set():
             return Sent(job, None, attempts)
         if prepared is None:
@@ -419,7 +419,7 @@ def _send_part(ctx: _Push, job: Job, index: int, carried, attempts: int, req=Non
         t0 = time.monotonic()
         attempts += 1
         try:
-            resp = transport.send(prepared)
+            resp = transport.send(prepared, start.left)
             verdict, status = vendor.verdict(req, resp), resp.status_code
         except requests.RequestException as e:
             verdict, status = transport_verdict(e), None
@@ -442,10 +442,10 @@ def _call(ctx: _Push, build) -> tuple[Verdict, requests.Response | None]:
     paced, and retried as a batch's request is, on a transient verdict up to ``max_attempts``."""
     vendor, transport, limiter, cfg = ctx.vendor, ctx.transport, ctx.limiter, ctx.cfg
     for attempt in range(1, cfg.max_attempts + 1):
-        limiter.acquire()
+        start = limiter.acquire()
         try:
             req = build()
-            resp = transport.send(transport.prepare(req))
+            resp = transport.send(transport.prepare(req), start.left)
             verdict = vendor.verdict(req, resp)
         except requests.RequestException as e:
             verdict, resp = transport_verdict(e), None

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import connection, connectionpool
 
 if TYPE_CHECKING:  # the transport only reads them: it does not depend on the vendors' package
     from connector.vendors.base import Limit, Request
@@ -30,20 +31,41 @@ if TYPE_CHECKING:  # the transport only reads them: it does not depend on the ve
 MARGIN = 0.03
 
 
+class Start:
+    """One request's start: counted against the window from the moment its slot was granted
+    until a window after :meth:`left` says it went."""
+
+    __slots__ = ("limiter", "at", "cost")
+
+    def __init__(self, limiter: RateLimiter, at: float, cost: float):
+        self.limiter, self.at, self.cost = limiter, at, cost
+
+    def left(self) -> None:
+        """The request has been written to the connection: the vendor counts it from about now."""
+        self.limiter._left(self)
+
+
 class RateLimiter:
     """The only thing that decides when a request starts: no window of ``(1 + MARGIN)`` times
-    the vendor's length ever holds more starts than its budget, ``share x limit.count``.
+    the vendor's length ever holds more departures than its budget, ``share x limit.count``.
 
     Two rules together. Even spacing: each caller reserves the next start slot,
     ``cost x window / budget`` after the previous one, and sleeps until it, so starts are
     spread across the window instead of spent at its beginning. A sliding log: when a caller
-    wakes (late, perhaps: a thread gets the CPU when it gets it), it may start only if the
-    starts of the last ``window`` seconds plus its own cost fit the budget; else it waits
-    until enough of them are ``window`` old. The log alone makes the guarantee, at any
-    latency and concurrency: late wakers cannot bunch past it, they only take slots that
-    were left unused within the window. The spacing keeps the log from being spent in bursts.
-    A start is the moment :meth:`acquire` returns: the caller sends right after it, with the
-    request encoded and any intent written before it asked.
+    wakes (late, perhaps: a thread gets the CPU when it gets it), it may start only if what
+    the log holds plus its own cost fits the budget; else it waits until enough of it is
+    ``window`` old. The log alone makes the guarantee, at any latency and concurrency: late
+    wakers cannot bunch past it. The spacing keeps the log from being spent in bursts.
+
+    What the log counts is what the vendor counts, departures: a start is held from its
+    grant until it has left (:meth:`Start.left`), then for a window from the moment it left.
+    Counted from its grant instead, a request whose thread got the CPU to write it tens of
+    milliseconds late (a loaded machine) left a window of the vendor's length holding up to
+    4 more than the limit. Invariant: a start is counted from its grant until a window after
+    it left, so the grant that admitted the last of any window's departures counted every
+    other one of them. A granted start must leave: ``Transport.send`` says so in any case
+    (a request that failed before it was written counts from its failure); only a push that
+    is stopping gives a start up unsent.
 
     ``cost`` is 1 a request, or the users a request carries when the limit counts users.
     ``share`` is this process's part of the limit (pushes of one credential running at once);
@@ -53,8 +75,9 @@ class RateLimiter:
     def __init__(self, limit: Limit, share: float = 1.0):
         self.limit = limit
         self.window = limit.window * (1 + MARGIN)
-        self._log: deque[tuple[float, float]] = deque()  # (start, cost) of the last window's starts
-        self._used = 0.0  # their cost
+        self._log: deque[Start] = deque()  # the last window's departures, in the order they left
+        self._going: set[Start] = set()  # granted, not yet left
+        self._used = 0.0  # the cost of both
         self._next = 0.0  # the next free start slot (monotonic clock)
         self._paused_until = 0.0
         self.pauses = 0  # how often the vendor said: slow down
@@ -76,11 +99,13 @@ class RateLimiter:
     def pace(self) -> float:
         """Requests a second at this pace: the rate over the mean cost of the recent starts."""
         with self._lock:
-            cost = self._used / len(self._log) if self._log else 1.0
+            starts = len(self._log) + len(self._going)
+            cost = self._used / starts if starts else 1.0
         return self.rate / cost
 
-    def acquire(self, users: int = 1) -> None:
-        """Wait for this request's start; ``users`` count when the limit counts users."""
+    def acquire(self, users: int = 1) -> Start:
+        """Wait for this request's start; ``users`` count when the limit counts users. The
+        caller sends right after it (see :class:`Start`)."""
         cost = min(users if self.limit.unit == "users" else 1, self.budget)
         asked = time.monotonic()
         with self._lock:
@@ -96,13 +121,18 @@ class RateLimiter:
                     continue
                 slot = self._room(cost, now)
                 if slot <= now:
-                    self._start(now, cost)
+                    start = Start(self, now, cost)
+                    self._going.add(start)
+                    self._used += cost
                     self._waited.seconds = getattr(self._waited, "seconds", 0.0) + now - asked
-                    return
+                    return start
 
-    def _start(self, now: float, cost: float) -> None:
-        self._log.append((now, cost))
-        self._used += cost
+    def _left(self, start: Start) -> None:
+        with self._lock:
+            if start in self._going:  # once: a second word changes nothing
+                self._going.remove(start)
+                start.at = time.monotonic()
+                self._log.append(start)
 
     _sleep = staticmethod(time.sleep)
 
@@ -116,18 +146,19 @@ class RateLimiter:
         return slot
 
     def _room(self, cost: float, now: float) -> float:
-        """When the last window's starts leave room for ``cost`` (``now`` if they do)."""
+        """When the log leaves room for ``cost`` (``now`` if it does). Starts not yet gone are
+        never a window old: if they alone leave no room, look again in a window."""
         log, window = self._log, self.window
-        while log and log[0][0] <= now - window:
-            self._used -= log.popleft()[1]
+        while log and log[0].at <= now - window:
+            self._used -= log.popleft().cost
         over = self._used + cost - self.budget
         if over <= 1e-9:
             return now
-        for at, c in log:
-            over -= c
+        for start in log:
+            over -= start.cost
             if over <= 1e-9:
-                return at + window
-        return now  # unreachable: cost <= budget
+                return start.at + window
+        return now + window
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (the vendor said: slow down), at most a window."""
@@ -207,11 +238,52 @@ class Senders:
                 self._free.notify_all()
 
 
+# What to call once the request this thread is sending has been written (see Transport.send).
+_sending = threading.local()
+
+
+def _written() -> None:
+    left = getattr(_sending, "left", None)
+    if left is not None:
+        _sending.left = None
+        left()
+
+
+class _Reporting:
+    def request(self, *args, **kwargs):
+        super().request(*args, **kwargs)
+        _written()
+
+
+class _Connection(_Reporting, connection.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_Reporting, connection.HTTPSConnection):
+    pass
+
+
+class _Pool(connectionpool.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """urllib3's pools, whose connections say when a request has been written."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
 class Transport:
     def __init__(self, *, concurrency: int, timeout: tuple[float, float], verify: bool, user_agent: str):
         self.session = requests.Session()
         # a connection kept for each sender there may be (opened as they are needed)
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
+        adapter = _Adapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = user_agent
@@ -225,10 +297,17 @@ class Transport:
         return self.session.prepare_request(requests.Request(req.method, req.url, params=req.params,
                                                              json=req.json, headers=req.headers))
 
-    def send(self, prepared: requests.PreparedRequest) -> requests.Response:
+    def send(self, prepared: requests.PreparedRequest, left=None) -> requests.Response:
         """What ``Session.request`` does, but the environment (proxies, CA bundle) is read once
-        per host rather than per request (a millisecond each, at 100 requests a second)."""
-        return self.session.send(prepared, timeout=self.timeout, allow_redirects=True, **self._environment(prepared.url))
+        per host rather than per request (a millisecond each, at 100 requests a second).
+        ``left`` is called once the request has been written, before its answer is awaited;
+        if it never was (a connection refused), when the send fails: it may have gone in part."""
+        _sending.left = left
+        try:
+            return self.session.send(prepared, timeout=self.timeout, allow_redirects=True,
+                                     **self._environment(prepared.url))
+        finally:
+            _written()
 
     def _environment(self, url: str) -> dict:
         origin = urlsplit(url)[:2]

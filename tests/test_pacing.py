@@ -19,22 +19,22 @@ from connector import config, demo, demo_run, engine, push as pushing
 
 from connector.vendors import emulator
 from connector.airflow import tasks
-from connector.transport import MARGIN, RateLimiter, Senders
+from connector.transport import MARGIN, RateLimiter, Senders, Transport
 from connector.vendors.dfinery import client as dfinery_client, emulator as dfinery
-from connector.vendors.base import Limit, wait_seconds
+from connector.vendors.base import Limit, Request, wait_seconds
 
 
 class Recorded(RateLimiter):
-    """The limiter as it is, its starts recorded; its sleeps wake late, as threads on a loaded
-    machine do (exponentially, ``late`` seconds on average)."""
+    """The limiter as it is, its departures recorded; its sleeps wake late, as threads on a
+    loaded machine do (exponentially, ``late`` seconds on average)."""
 
     def __init__(self, limit: Limit, share: float = 1.0, late: float = 0.0, starts: list | None = None):
         super().__init__(limit, share)
         self.late, self.starts = late, starts if starts is not None else []
 
-    def _start(self, now, cost):
-        super()._start(now, cost)
-        self.starts.append((now, cost))
+    def _left(self, start):
+        super()._left(start)
+        self.starts.append((start.at, start.cost))  # when it left, as the limiter counts it
 
     def _sleep(self, seconds):
         time.sleep(seconds + (random.expovariate(1 / self.late) if self.late else 0.0))
@@ -54,14 +54,18 @@ def most_in_a_window(starts: list[tuple[float, float]], window: float) -> float:
     return best
 
 
-def drive(limiters: list[RateLimiter], senders: int, latency: float, seconds: float, users=lambda: 1) -> None:
-    """``senders`` threads per limiter: each takes a start, then holds its request for a lognormal
-    answer time around ``latency`` (a tail to seconds), again and again, for ``seconds``."""
+def drive(limiters: list[RateLimiter], senders: int, latency: float, seconds: float, users=lambda: 1,
+          leaving=lambda: 0.0) -> None:
+    """``senders`` threads per limiter: each takes a start, leaves ``leaving()`` seconds after it
+    (the thread writing its request late), then holds its request for a lognormal answer time
+    around ``latency`` (a tail to seconds), again and again, for ``seconds``."""
     end = time.monotonic() + seconds
 
     def sender(limiter):
         while time.monotonic() < end:
-            limiter.acquire(users())
+            start = limiter.acquire(users())
+            time.sleep(leaving())
+            start.left()
             if latency:
                 time.sleep(random.lognormvariate(0, 0.8) * latency)
 
@@ -72,23 +76,58 @@ def drive(limiters: list[RateLimiter], senders: int, latency: float, seconds: fl
         t.join()
 
 
-@pytest.mark.parametrize("senders, latency, late", [(4, 0.0, 0.0), (32, 0.0, 0.02), (32, 0.05, 0.02),
-                                                    (64, 0.2, 0.05)])
-def test_no_window_of_the_vendors_length_ever_holds_more_than_its_limit(senders, latency, late):
+def late_departures(mean: float, beyond_a_window: float = 0.0, window: float = 0.0):
+    """Departures an exponential ``mean`` after their slot; a ``beyond_a_window`` part of them
+    later than a whole window (a sender that lost the CPU for that long)."""
+    def leaving():
+        if beyond_a_window and random.random() < beyond_a_window:
+            return window * (1 + MARGIN) * random.uniform(1.0, 1.5)
+        return random.expovariate(1 / mean) if mean else 0.0
+    return leaving
+
+
+@pytest.mark.parametrize("senders, latency, late, leaving", [
+    (4, 0.0, 0.0, 0.0), (32, 0.0, 0.02, 0.0), (32, 0.05, 0.02, 0.01), (64, 0.2, 0.05, 0.03)])
+def test_no_window_of_the_vendors_length_ever_holds_more_than_its_limit(senders, latency, late, leaving):
     limit = Limit(20, 0.5)
     limiter = Recorded(limit, late=late)
-    drive([limiter], senders, latency, 1.6)
+    drive([limiter], senders, latency, 1.6, leaving=late_departures(leaving))
     assert len(limiter.starts) > 2 * limit.count  # the window filled, several times
     # exactly: the vendor's count over a window (1 + MARGIN) times the vendor's, so arrivals
-    # that lag their starts by up to MARGIN x window still fit the vendor's own window
+    # that lag their departures by up to MARGIN x window still fit the vendor's own window
     assert most_in_a_window(limiter.starts, limit.window * (1 + MARGIN)) <= limit.count
     assert most_in_a_window(limiter.starts, limit.window) <= limit.count
+
+
+def test_requests_that_leave_long_after_their_slot_still_fit_the_window():
+    """Senders that write their request late, some more than a window after their slot: the
+    window holds over when they left, which is what the vendor counts."""
+    limit = Limit(20, 0.3)
+    limiter = Recorded(limit, late=0.01)
+    drive([limiter], 48, 0.05, 2.0, leaving=late_departures(0.03, beyond_a_window=0.05, window=limit.window))
+    assert len(limiter.starts) > 3 * limit.count
+    assert most_in_a_window(limiter.starts, limit.window * (1 + MARGIN)) <= limit.count
+
+
+def test_a_start_not_yet_gone_is_counted_however_long_it_takes_to_leave():
+    limit = Limit(2, 0.2)
+    limiter = Recorded(limit)
+    late = limiter.acquire()  # its sender loses the CPU for longer than a window
+    time.sleep(limiter.window * 1.2)
+    on_time = limiter.acquire()
+    on_time.left()
+    third = limiter.acquire()  # the late one still counts: room only once on_time is a window old
+    granted = third.at
+    late.left()
+    third.left()
+    assert granted >= on_time.at + limiter.window * 0.99
+    assert most_in_a_window(limiter.starts, limit.window * (1 + MARGIN)) <= limit.count
 
 
 def test_a_limit_in_users_counts_the_users_each_request_carries():
     limit = Limit(100, 0.5, "users")
     limiter = Recorded(limit, late=0.02)
-    drive([limiter], 16, 0.02, 1.6, users=lambda: random.randint(1, 30))
+    drive([limiter], 16, 0.02, 1.6, users=lambda: random.randint(1, 30), leaving=late_departures(0.01))
     assert sum(cost for _, cost in limiter.starts) > 2 * limit.count
     assert most_in_a_window(limiter.starts, limit.window * (1 + MARGIN)) <= limit.count
 
@@ -96,18 +135,55 @@ def test_a_limit_in_users_counts_the_users_each_request_carries():
 def test_pushes_sharing_a_limit_together_stay_under_it():
     limit, starts = Limit(30, 0.5), []
     limiters = [Recorded(limit, share=1 / 3, late=0.02, starts=starts) for _ in range(3)]
-    drive(limiters, 8, 0.03, 1.6)
+    drive(limiters, 8, 0.03, 1.6, leaving=late_departures(0.01))
     assert most_in_a_window(starts, limit.window * (1 + MARGIN)) <= limit.count
 
 
 def test_a_vendor_back_off_holds_every_start_for_its_wait_at_most_a_window():
     limit = Limit(10, 0.4)
     limiter = Recorded(limit)
-    limiter.acquire()
+    limiter.acquire().left()
     limiter.pause(3600)  # a misread reset: capped by the window
     paused = time.monotonic()
-    limiter.acquire()
+    limiter.acquire().left()
     assert limiter.starts[1][0] >= paused + limit.window * 0.99 and limiter.pauses == 1
+
+
+class _Held(BaseHTTPRequestHandler):
+    """Answers only once the client said its request has left (or after 5 s, with a 504)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status = 200 if self.server.left.wait(5) else 504
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_transport_says_a_request_has_left_once_written_before_its_answer():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Held)
+    server.left = threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    transport = Transport(concurrency=2, timeout=(5, 10), verify=True, user_agent="test")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        prepared = transport.prepare(Request("POST", url, ("u",), json={"users": ["u"] * 1000}))
+        assert transport.send(prepared, server.left.set).status_code == 200  # the answer waited for left
+        server.left.clear()
+        calls = []
+        with pytest.raises(requests.ConnectionError):  # never written: counted from its failure, once
+            transport.send(transport.prepare(Request("POST", "http://127.0.0.1:9/", ("u",), json={})),
+                           lambda: calls.append(1))
+        assert calls == [1]
+    finally:
+        transport.close()
+        server.shutdown()
+        server.server_close()
 
 
 # -- senders ---------------------------------------------------------------------------------

@@ -21,12 +21,16 @@ Admin endpoints (for tests and for a person poking at ``usersync emulators``):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import io
 import json
 import logging
 import math
 import random
 import socket
+import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -80,8 +84,8 @@ class Emulator:
         self.settings = settings
         self.faults: deque[Fault] = deque()
         self.log: list[dict[str, Any]] = []
-        self._window: deque[tuple[float, float]] = deque()  # (arrival, cost) in the last window
-        self._used = 0.0
+        self._arrived: list[float] = []  # the requests counted, by arrival (two windows back)
+        self._costs: list[float] = []  # what each counts
         self.rate_limit = settings.get("rate_limit", self.limit.count if self.limit else None)
         self.reset()
 
@@ -97,8 +101,8 @@ class Emulator:
                 setattr(self, name, type(getattr(self, name))())
             self.log.clear()
             self.faults.clear()
-            self._window.clear()
-            self._used = 0.0
+            self._arrived.clear()
+            self._costs.clear()
 
     def state(self) -> Any:
         """What the vendor holds, as JSON-able data."""
@@ -135,27 +139,37 @@ class Emulator:
 
     def _rate(self, cost: float = 1, now: float | None = None) -> tuple[bool, int, float]:
         """(allowed, remaining, seconds until the window has room again) for a request of this
-        cost arriving ``now``: allowed when the last ``rate_window`` seconds hold at most
-        ``rate_limit`` with it. A refused request is not counted."""
+        cost arriving ``now``: allowed when no window of ``rate_window`` seconds holding it
+        holds more than ``rate_limit`` with it. A refused request is not counted.
+
+        Requests are handled a little out of their order of arrival (each on its own thread),
+        so one may arrive before some already counted: every window it falls in is checked,
+        the one ending at it and those ending at the later arrivals within a window of it."""
         if not self.rate_limit:
             return True, 1 << 30, 0.0
         with self.lock:
             now = time.monotonic() if now is None else now
-            window, log = self.rate_window, self._window
-            while log and log[0][0] <= now - window:
-                self._used -= log.popleft()[1]
-            if self._used + cost > self.rate_limit + 1e-9:
-                over, reset = self._used + cost - self.rate_limit, window
-                for at, c in log:  # the window has room once enough of its oldest arrivals age out
-                    over -= c
-                    if over <= 1e-9:
-                        reset = at + window - now
-                        break
-                return False, 0, reset
-            log.append((now, cost))
-            self._used += cost
-            reset = log[0][0] + window - now
-            return True, int(self.rate_limit - self._used), reset
+            window, times, costs = self.rate_window, self._arrived, self._costs
+            old = bisect.bisect_right(times, max(now, times[-1] if times else now) - 2 * window)
+            del times[:old], costs[:old]
+            at = bisect.bisect_right(times, now)
+            ends = [now] + times[at:bisect.bisect_left(times, now + window)]
+            for end in ends:  # the windows (end - window, end] that hold this request
+                first = bisect.bisect_right(times, end - window)
+                over = sum(costs[first:bisect.bisect_right(times, end)]) + cost - self.rate_limit
+                if over > 1e-9:
+                    reset = window
+                    for i in range(first, len(times)):  # room once enough of its oldest arrivals age out
+                        over -= costs[i]
+                        if over <= 1e-9:
+                            reset = times[i] + window - now
+                            break
+                    return False, 0, max(reset, 0.0)
+            times.insert(at, now)
+            costs.insert(at, cost)
+            first = bisect.bisect_right(times, now - window)
+            held = sum(costs[first:at + 1])
+            return True, int(self.rate_limit - held), times[first] + window - now
 
     def _latency(self) -> float:
         if self.latency_sigma and self.latency:
@@ -218,16 +232,55 @@ class Req:
     json: Any  # parsed body, or None when it is not JSON
 
 
+# The kernel's receive time of a connection's bytes (Linux: SO_TIMESTAMPNS, not in Python's socket module).
+_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+_TIMESPEC = struct.Struct("@ll")
+
+
+class _Received(io.RawIOBase):
+    """A connection's bytes as they are read, each read noting when the kernel received them:
+    a vendor's gateway counts a request when it arrives, not when this process's thread gets
+    the CPU to parse it (on a loaded machine, tens of milliseconds later, which bunched the
+    window's count by as much)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.at = sock, None  # at: time.time() of the last read's bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n, ancillary, _, _ = self.sock.recvmsg_into([buffer], socket.CMSG_SPACE(_TIMESPEC.size))
+        for _, kind, data in ancillary:
+            if kind == _TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                self.at = seconds + nanoseconds / 1e9
+        return n
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go as two writes: without this, a 40 ms delayed-ACK stall
     server: _Server
+    _received: _Received | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, _TIMESTAMPNS, 1)
+        except (OSError, TypeError):  # not Linux: counted when the head is parsed
+            return
+        self._received = _Received(self.connection)
+        self.rfile = io.BufferedReader(self._received)
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s " + fmt, self.server.emulator.name, *args)
 
     def _serve(self) -> None:
-        arrived = time.monotonic()  # its head is read: counted from here, before the body is parsed
+        # its head is read: counted from when its bytes arrived (else from now), before the body is parsed
+        arrived = time.monotonic()
+        if self._received is not None and self._received.at is not None:
+            arrived -= max(0.0, time.time() - self._received.at)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         url = urlsplit(self.path)
