@@ -46,7 +46,7 @@ def column(c: Coercer, s: pd.Series, label: str) -> tuple[pd.Series, pd.Series]:
 
 # -- one function per kind: (values, bad mask) -------------------------------------
 def _string(c: Coercer, s):
-    if _is_text(s):  # already text: nothing to convert, nothing nested
+    if is_text(s):  # already text: nothing to convert, nothing nested
         return s.astype(object).where(s.notna()), pd.Series(False, index=s.index)
     # only an object column can hold lists (a datetime column's map would come back as datetimes)
     nested = (s.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool) if s.dtype == object
@@ -101,7 +101,7 @@ def _boolean(c: Coercer, s):
     if pd.api.types.is_bool_dtype(s):
         out = s.astype("boolean")
     else:
-        out = _each_distinct(s, _to_bool, _is_text(s) or _kind(s) == "boolean").astype("boolean")
+        out = _each_distinct(s, _to_bool, is_text(s) or _kind(s) == "boolean").astype("boolean")
     bad = present & out.isna()
     return (out.astype("Int64") if c.bool_as_int else out), bad
 
@@ -118,7 +118,7 @@ def _date(c: Coercer, s):
     return _format(parsed, c.fmt or "%Y-%m-%d"), bad
 
 def _list(c: Coercer, s):
-    out = _each_distinct(s.astype(object), functools.partial(_one_list, c), _is_text(s))
+    out = _each_distinct(s.astype(object), functools.partial(_one_list, c), is_text(s))
     bad = out.map(lambda v: isinstance(v, _Bad))
     return out.where(~bad), bad
 
@@ -256,7 +256,7 @@ def _exact_double(v: Any) -> Any:
 
 def _exactly(s: pd.Series, convert, dtype: str):
     """(values, bad, notes) of a column converted value by value (once per distinct text)."""
-    out = _each_distinct(s.astype(object), convert, _is_text(s))
+    out = _each_distinct(s.astype(object), convert, is_text(s))
     bad = out.map(lambda v: isinstance(v, _Bad)).astype(bool)
     notes = out.map(lambda v: v.note if isinstance(v, _Bad) else None)
     values = pd.Series(pd.array([None if b else v for v, b in zip(out, bad)], dtype=dtype), index=s.index)
@@ -374,7 +374,7 @@ def _kind(s: pd.Series) -> str:
     return pd.api.types.infer_dtype(s, skipna=True)
 
 
-def _is_text(s: pd.Series) -> bool:
+def is_text(s: pd.Series) -> bool:
     """Only str and NULLs (a text column, whatever its dtype)."""
     if isinstance(s.dtype, pd.StringDtype):
         return True

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from connector import db, extract, mapping as mappings, rowhash, state
 from connector.state import plans
-from connector.coerce import _is_text, decode_column
+from connector.coerce import is_text, decode_column
 from connector.faults import crashpoint
 from connector.vendors.base import Change, Op
 
@@ -587,7 +587,7 @@ def _keys(frame: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]
     bad = np.zeros(len(frame), dtype=bool)
     for c in cols:
         s = frame[c]
-        if _is_text(s):
+        if is_text(s):
             text = np.array([v.strip() if isinstance(v, str) else "" for v in s.to_numpy(dtype=object)], dtype=object)
         else:
             text = np.array([_key_part(v) or "" for v in s.to_numpy(dtype=object)], dtype=object)
