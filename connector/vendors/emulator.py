@@ -44,6 +44,19 @@ from connector.vendors.base import Limit
 log = logging.getLogger("usersync.emulator")
 
 
+def json_kind_ok(kind: str, v: Any) -> bool | None:
+    """Whether ``v`` is a JSON value of a Java-typed vendor's ``string``, ``long`` or ``double``
+    (DFINERY's and Jiguang's words for them); None for any other kind, which each vendor
+    checks its own way."""
+    if kind == "string":
+        return isinstance(v, str)
+    if kind == "long":  # a Java long
+        return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
+    if kind == "double":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return None
+
+
 @dataclasses.dataclass
 class Fault:
     """One injected misbehaviour, used ``times`` times on requests whose body contains ``match``.

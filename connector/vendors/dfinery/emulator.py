@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from connector.vendors.dfinery.settings import IDENTITY_FIELDS, LIMIT, OK, PATH
-from connector.vendors.emulator import Emulator as _EmulatorBase
+from connector.vendors.emulator import Emulator as _EmulatorBase, json_kind_ok
 
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?Z$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -93,12 +93,9 @@ class Emulator(_EmulatorBase):
 
 
 def _type_ok(kind: str, v: Any) -> bool:
-    if kind == "string":
-        return isinstance(v, str)
-    if kind == "long":  # a Java long
-        return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
-    if kind == "double":
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    plain = json_kind_ok(kind, v)
+    if plain is not None:
+        return plain
     if kind == "boolean":
         return isinstance(v, bool)
     if kind == "datetime":

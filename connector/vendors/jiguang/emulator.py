@@ -8,7 +8,7 @@ import math
 import re
 from typing import Any
 
-from connector.vendors.emulator import Emulator as _EmulatorBase
+from connector.vendors.emulator import Emulator as _EmulatorBase, json_kind_ok
 from connector.vendors.jiguang.settings import (
     LIMIT, MAX_CUID, OK, PATH, REJECT, RETRYABLE, THROTTLED, TYPES, console_rule)
 
@@ -110,12 +110,9 @@ class Emulator(_EmulatorBase):
 def _type_ok(kind: str, v: Any) -> bool:
     coercer = TYPES.get(kind)
     kind = coercer.kind if coercer else kind
-    if kind == "string":
-        return isinstance(v, str)
-    if kind == "long":  # a Java long
-        return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
-    if kind == "double":
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    plain = json_kind_ok(kind, v)
+    if plain is not None:
+        return plain
     if kind == "boolean":
         return isinstance(v, int) and not isinstance(v, bool) and v in (0, 1)
     if kind == "datetime":
