@@ -29,6 +29,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -279,6 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):  # its bytes must go through TLS: counted when parsed
+            return
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, _TIMESTAMPNS, 1)
         except (OSError, TypeError):  # not Linux: counted when the head is parsed
