@@ -26,6 +26,9 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="session")
 def airflow_home():
     """One migrated metadata DB for the session; Airflow reads its settings at first import."""
+    assert "airflow.configuration" not in sys.modules, (
+        "airflow was imported before this session's AIRFLOW_HOME was set (at collection?): its settings "
+        "point at the default home, whose database has no tables")
     home = make_home()
     saved = {k: os.environ.get(k) for k in airflow_env(home)}
     os.environ.update(airflow_env(home))

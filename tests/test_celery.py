@@ -6,7 +6,7 @@ one deployment and run in file order (each builds on the state the one before le
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import socket
 
 import pytest
@@ -24,6 +24,14 @@ def _redis_up() -> bool:
         return False
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 # on by default where its parts are (CI has them: .ci/run starts Redis, `make test` installs the
 # celery extra); each missing part says so
 if not _redis_up():
@@ -31,7 +39,9 @@ if not _redis_up():
 if not SERVERS["postgresql"]:
     pytest.skip("no USERSYNC_TEST_POSTGRES_URL (Airflow's metadata database and the warehouse)",
                 allow_module_level=True)
-if not importlib.util.find_spec("airflow.providers.celery"):
+# asked of the installed distributions, not by find_spec: that would import `airflow` while
+# collecting, and Airflow reads its settings (AIRFLOW_HOME) once, at its first import
+if not _installed("apache-airflow-providers-celery"):
     pytest.skip("the celery extra is not installed (`pip install -e '.[test]'`)", allow_module_level=True)
 
 from celery_harness import LIMIT, N_USERS, SHARDS, ScaleOut  # noqa: E402
