@@ -23,9 +23,11 @@ N = 24
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow_home():
-    """One migrated metadata DB for the session; Airflow reads its settings at first import."""
+    """One migrated metadata DB for this module; Airflow reads its settings at first import. The
+    environment is restored after the module, so that its settings (a WARNING log level, quick lock
+    retries) do not reach the Airflow deployments other modules start."""
     assert "airflow.configuration" not in sys.modules, (
         "airflow was imported before this session's AIRFLOW_HOME was set (at collection?): its settings "
         "point at the default home, whose database has no tables")
