@@ -205,7 +205,6 @@ class _Feed:
 
 _p = state.plan
 _COLUMNS = (_p.c.user_key, _p.c.identity, _p.c.ops)  # the rest stays in the plan (see state.snapshot_from_plan)
-OUT = plans.OUT
 
 
 def pending(sync, run_id: int, shard: int | None, lease=None):
@@ -269,7 +268,7 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
             rows, key=lambda r: (r[0], r[1], r[2] if r[1] == plans.SENDING else None)):
         changes = _load([r[3:] for r in group])
         keys = [c.key for c in changes]
-        if status == OUT and resend:
+        if status == plans.OUT and resend:
             plans.mark(conn, run_id, keys, plans.PENDING)
             continue
         flight = frozenset(json.loads(in_flight)) if status == plans.SENDING and in_flight else None
@@ -474,7 +473,7 @@ def record(sent: Sent, writes: Writes, jobs, stop, result: PushResult, max_attem
     if v.kind is Kind.STOP:  # refused: not applied, no longer in flight
         writes.mark([c.key for c in batch], plans.PENDING)
     elif v.kind is Kind.SPLIT and len(batch) > 1:  # not applied; its halves go next (out again)
-        writes.mark([c.key for c in batch], OUT)
+        writes.mark([c.key for c in batch], plans.OUT)
     if v.kind is Kind.STOP:
         stop.set()
         result.stopped = f"{v.code}: {v.message}" if v.code else v.message
@@ -507,7 +506,7 @@ def record(sent: Sent, writes: Writes, jobs, stop, result: PushResult, max_attem
         return
     if retry_now:
         jobs.append(Job(retry_now, sent.attempts, time.monotonic() + (v.wait or 0.5)))
-        writes.mark([c.key for c in retry_now], OUT)  # no longer in flight (not applied), going again
+        writes.mark([c.key for c in retry_now], plans.OUT)  # no longer in flight (not applied), going again
     outcome = ("delivered" if len(delivered) == len(batch) else
                "partial" if delivered else
                "retry" if retry_now and not failed else
