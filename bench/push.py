@@ -7,7 +7,10 @@ users), against the limit. It is measured from the first request that arrived wh
 was being answered (or, when none ever did, the second): the lookups before the push
 (Tencent's registered names) and the first batch, which goes alone by design until it is
 answered (for EngageLab, its users' several requests one after the other), are the run's
-start, not its sustained rate. The peak window is the most
+start, not its sustained rate. It ends with the last user's first request: what arrives
+after it is the run's end, the later requests of EngageLab's last users, each a latency
+after the one before (half a second per type at 500 ms, whatever the run's length; the
+whole run's rate is ``run_fraction_of_limit``). The peak window is the most
 that arrived in any window of the vendor's length (sliding), over its limit; throttling is
 counted by the emulator.
 
@@ -76,28 +79,48 @@ def measure(vendor: str, workdir: Path, seconds: float, latency: str = "50ms") -
         emulated = json.loads(server.stdout.readline() or "{}")
         server.wait(30)
     # the vendor's busiest path is the data; what each arrival counts: 1, or its users
-    paths = collections.Counter(path for path, _, _ in emulated["arrivals"])
-    data = sorted((at, cost) for path, at, cost in emulated["arrivals"] if path == paths.most_common(1)[0][0])
-    rate = _steady([at for at, _ in data], [cost for _, cost in data], emulated.get("overlap"))
+    paths = collections.Counter(arrival[0] for arrival in emulated["arrivals"])
+    busiest = paths.most_common(1)[0][0]
+    arrivals = sorted((at, cost, user) for path, at, cost, user in emulated["arrivals"] if path == busiest)
+    data = [(at, cost) for at, cost, _ in arrivals]
+    times, amounts = [at for at, _ in data], [cost for _, cost in data]
+    rate = _steady(times, amounts, emulated.get("overlap"), _last_start(arrivals))
+    whole = _steady(times, amounts, emulated.get("overlap"))
     return {"users": users, "latency": latency, "delivered": summary.users_delivered, "requests": result.requests,
             "seconds": round(took, 2), "rate": round(rate, 2), "unit": f"{lim.unit}/s", "limit": lim.per_second,
-            "fraction_of_limit": round(rate / lim.per_second, 4), "window": lim.window,
+            "fraction_of_limit": round(rate / lim.per_second, 4),
+            "run_fraction_of_limit": round(whole / lim.per_second, 4), "window": lim.window,
             "peak_window": round(peak(data, lim.window) / lim.count, 4), "throttled": emulated.get("throttled"),
             "status": summary.status,
             **({"batch_fill": round(summary.users_delivered / (result.requests * 100), 4)}
                if vendor == "tencent_im" and result.requests else {})}
 
 
-def _steady(times: list[float], amounts: list[float], since: float | None = None) -> float:
-    """What arrived from the first arrival at ``since`` or after (default: the second) up to the
-    last, over that time: each arrival counts for the time until the next one, so the last
-    counts for none (one of MoEngage's 200-user batches over a 12 s run weighs 0.03 of the
-    rate either way). 0 with fewer than three requests (a tiny run: nothing sustained to measure)."""
+def _steady(times: list[float], amounts: list[float], since: float | None = None, last: int | None = None) -> float:
+    """What arrived from the first arrival at ``since`` or after (default: the second) up to
+    arrival ``last`` (default: the last), over that time: each arrival counts for the time until
+    the next one, so the last counts for none (one of MoEngage's 200-user batches over a 12 s
+    run weighs 0.03 of the rate either way). 0 with fewer than three requests (a tiny run:
+    nothing sustained to measure)."""
     if len(times) < 3:
         return 0.0
     first = next((i for i, at in enumerate(times) if at >= since), 1) if since is not None else 1
     first = min(max(first, 1), len(times) - 2)
-    return sum(amounts[first:-1]) / max(times[-1] - times[first], 1e-9)
+    last = len(times) - 1 if last is None else min(max(last, first + 1), len(times) - 1)
+    return sum(amounts[first:last]) / max(times[last] - times[first], 1e-9)
+
+
+def _last_start(arrivals: list[tuple[float, float, str | None]]) -> int:
+    """The index of the last arrival that was its user's first (one that names no user is its
+    batch's only request)."""
+    seen: set[str] = set()
+    last = len(arrivals) - 1
+    for i, (_, _, user) in enumerate(arrivals):
+        if user is None or user not in seen:
+            last = i
+            if user is not None:
+                seen.add(user)
+    return last
 
 
 def peak(arrivals: list[tuple[float, float]], window: float) -> float:

@@ -122,12 +122,13 @@ def details(results: dict) -> str:
     if "scale" in raw:
         r = raw["scale"]["plan"]
         rows.append(f"| postgresql | plan, {raw['scale_users']:,} users | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['rows']} |")
-    rows += ["", "| vendor | latency | users | requests | seconds | rate | limit | fraction | peak window | throttled "
-                 "| load before |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += ["", "| vendor | latency | users | requests | seconds | rate | limit | fraction | whole run | peak window "
+                 "| throttled | load before |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v, runs in raw["push"].items():
         for lat, p in runs.items():
             rows.append(f"| {v} | {lat} | {p['users']} | {p['requests']} | {p['seconds']} | {p['rate']} {p['unit']} | "
-                        f"{p['limit']:.1f} | {p['fraction_of_limit']} | {p['peak_window']} | {p['throttled']} | "
+                        f"{p['limit']:.1f} | {p['fraction_of_limit']} | {p.get('run_fraction_of_limit', '')} | "
+                        f"{p['peak_window']} | {p['throttled']} | "
                         f"{p.get('load', '')} |")
     return "\n".join(rows)
 

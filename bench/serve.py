@@ -11,7 +11,8 @@ waiting. The emulator's own pauses are not what this measures; the process lives
 its standard input closes, then prints a JSON line: requests received (each request's path,
 arrival time and what it counts against the limit), throttled answers, and when the first
 request arrived while another was still being answered (``overlap``: the push's start is
-over). LATENCY is added to every answer; with SIGMA, it is the median of a lognormal
+over). Each arrival also names its user when the request carries one user's ops of one
+type (EngageLab's ``euid``; else null): such a user's types go one after the other. LATENCY is added to every answer; with SIGMA, it is the median of a lognormal
 latency of that shape.
 """
 
@@ -61,7 +62,11 @@ def main(vendor: str, latency: float, path: str, sigma: float = 0.0) -> None:
         print(running.url, flush=True)
         sys.stdin.read()
     print(json.dumps({"requests": len(emu.log), "throttled": throttled, "overlap": overlap,
-                      "arrivals": [(r["path"], r["at"], r["cost"]) for r in emu.log]}), flush=True)
+                      "arrivals": [(r["path"], r["at"], r["cost"], _user(r["body"])) for r in emu.log]}), flush=True)
+
+
+def _user(body) -> str | None:
+    return str(body["euid"]) if isinstance(body, dict) and "euid" in body else None
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
+import math
 import operator
+import queue
 import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -51,10 +54,11 @@ from connector.vendors.base import Change, Kind, Op, Verdict, configured_limit, 
 
 log = logging.getLogger("usersync.push")
 READ_CHUNK = 1000  # plan rows read at a time, while the previous ones' requests are out
-# batches handed to the senders, per sender at work (in flight or next): while this thread reads the
-# plan or waits on a commit (which takes a while when the disk is busy), they keep sending; with
-# fewer, the fastest vendor's senders ran dry after the longer commits (bench/results.md)
-AHEAD = 4
+# Batches handed to the senders ahead of their answers: AHEAD_SECONDS of the pace, and at least
+# AHEAD per sender at work, at most MOST_AHEAD. While this thread reads the plan or commits (a
+# few hundred ms when the CPU or the disk is busy) the senders keep sending what they hold;
+# what they hold is ``out`` already, so a crash costs at most that many re-sends.
+AHEAD, AHEAD_SECONDS, MOST_AHEAD = 4, 0.5, 512
 
 
 @dataclasses.dataclass
@@ -131,17 +135,33 @@ def push(sync, run_id: int, shard: int | None = None, progress=None, share=None)
                 Writes(sync, run_id, shard or 0, state.failure_keys(sync.state, sync.spec.name)), progress=progress)
     keeper = threading.Thread(target=_keep_share, args=(limiter, share, stop), daemon=True) if share else None
     try:
+        _freeze_heap()
         if keeper:
             keeper.start()
         with ThreadPoolExecutor(maximum, thread_name_prefix="push") as pool:
+            out = _Out(ctx, pool)
             try:
-                _drain(ctx, pool, _Feed(ctx))
+                _drain(ctx, out, _Feed(ctx))
             finally:
                 stop.set()  # whatever ended the push (a lost lock, an error), the senders start nothing more
+                out.close()
     finally:
         stop.set()
         transport.close()
+        gc.unfreeze()
     return ctx.result
+
+
+def _freeze_heap() -> None:
+    """Take the heap that exists before the push (imports, the plan's leftovers) out of the
+    collector's sight until it ends. At a fast vendor's rate of users the queued changes
+    trigger a full collection every second or so, and a full collection walks the whole heap
+    while holding the GIL: no request starts meanwhile (bench/README.md). Frozen objects are
+    still freed by their reference counts; a collection first leaves no cyclic garbage behind.
+    Process-wide: pushes overlapping in one process share it, and the first to end thaws it
+    for all, which costs them speed, never correctness."""
+    gc.collect()
+    gc.freeze()
 
 
 def pacing(sync, share: float = 1.0) -> RateLimiter:
@@ -289,47 +309,45 @@ def settle_in_doubt(sync, conn: sa.Connection, *where, resend: bool = False) -> 
     return len(rows)
 
 
-def _drain(ctx: _Push, pool: ThreadPoolExecutor, feed: _Feed) -> None:
-    inflight: set[Future] = set()
+def _drain(ctx: _Push, out: _Out, feed: _Feed) -> None:
     try:
-        _loop(ctx, pool, feed, inflight)
+        _loop(ctx, out, feed)
     except state.LeaseLost as e:  # stop is set: the senders start nothing more; what is on the wire completes
         result = ctx.result
-        for fut in inflight:
-            sent = fut.result()
-            result.requests += sent.attempts - sent.job.attempts
-            if sent.verdict is not None and sent.verdict.kind is Kind.DELIVERED and not sent.verdict.per_user:
-                result.delivered += len(sent.job.batch)  # acknowledged, never recorded: the new holder re-sends them
+        while out.count:
+            for sent in out.back(None):
+                result.requests += sent.attempts - sent.job.attempts
+                if sent.verdict is not None and sent.verdict.kind is Kind.DELIVERED and not sent.verdict.per_user:
+                    result.delivered += len(sent.job.batch)  # acknowledged, never recorded: the new holder re-sends them
         e.requests, e.delivered = result.requests, result.delivered
         raise
 
 
-def _loop(ctx: _Push, pool: ThreadPoolExecutor, feed: _Feed, inflight: set[Future]) -> None:
+def _loop(ctx: _Push, out: _Out, feed: _Feed) -> None:
     jobs, lease, stop, result = feed.jobs, ctx.lease, ctx.stop, ctx.result
     lease.keep()  # proved once before the first request
     while True:
         # the run's first request goes alone: a bad credential costs one request, not a burst
-        limit = ctx.senders.limit * AHEAD if result.requests else 1
-        while len(jobs) < limit and not stop.is_set() and feed.fill():
+        ahead = 1
+        if result.requests:
+            ahead = min(MOST_AHEAD, max(ctx.senders.limit * AHEAD, math.ceil(ctx.limiter.pace() * AHEAD_SECONDS)))
+        while len(jobs) + out.count < ahead and not stop.is_set() and feed.fill():
             pass
-        while jobs and len(inflight) < limit and not stop.is_set():
-            inflight.add(pool.submit(ctx.senders.run, _send, ctx, jobs.popleft()))
-        if not inflight:
+        while jobs and out.count < ahead and not stop.is_set():
+            out.hand(jobs.popleft())
+        if not out.count:
             break
         due = ctx.writes.due()  # and the lease's renewal: the senders wait for it once it lapses
-        done, _ = wait(inflight, timeout=min(lease.renew_in(), due if due is not None else float("inf")),
-                       return_when=FIRST_COMPLETED)
-        inflight -= done
+        done = out.back(min(lease.renew_in(), due if due is not None else float("inf")))
         if lease.lost:  # a sender's intent found the lock gone
             raise lease.lost
         if done:
             crashpoint("vendor_answered")
-        for fut in done:
-            sent = fut.result()
+        for sent in done:
             ctx.senders.observe()
             result.requests += sent.attempts - sent.job.attempts
             record(sent, ctx.writes, jobs, stop, result, ctx.cfg.max_attempts)
-        if ctx.writes.urgent or not inflight or ctx.writes.due() == 0:
+        if ctx.writes.urgent or not out.count or ctx.writes.due() == 0:
             with lease.begin() as conn:  # fenced: commits only while this run holds the lock
                 ctx.writes.flush(conn)
             crashpoint("after_commit")
@@ -343,6 +361,57 @@ def _loop(ctx: _Push, pool: ThreadPoolExecutor, feed: _Feed, inflight: set[Futur
     if jobs:  # stopped (the vendor refused the run): what never went to a sender was not sent
         with lease.begin() as conn:
             plans.mark(conn, ctx.run_id, [c.key for job in jobs for c in job.batch], plans.PENDING)
+
+
+class _Out:
+    """The jobs handed to the senders, and what comes back. A sender takes the next job itself
+    as soon as it is free: this thread's reading and commits (a few hundred ms when the CPU or
+    the disk is busy) do not keep jobs from the senders while some are handed out. Threads are
+    started as the senders' count grows (``Senders`` holds the count at work); ``close`` ends them."""
+
+    def __init__(self, ctx: _Push, pool: ThreadPoolExecutor):
+        self.ctx, self.pool = ctx, pool
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._back: queue.SimpleQueue[Sent | BaseException] = queue.SimpleQueue()
+        self.count = 0  # handed out, not come back
+        self._threads = 0
+
+    def hand(self, job: Job) -> None:
+        self._jobs.put(job)
+        self.count += 1
+        while self._threads < min(self.count, self.ctx.senders.limit):
+            self.pool.submit(self._sender)
+            self._threads += 1
+
+    def back(self, timeout: float | None) -> list[Sent]:
+        """What came back, waiting up to ``timeout`` seconds for the first (None: for ever)."""
+        try:
+            done = [self._back.get(timeout=None if timeout is None else max(0.0, timeout))]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self._back.get_nowait())
+            except queue.Empty:
+                break
+        self.count -= len(done)
+        for sent in done:
+            if isinstance(sent, BaseException):
+                raise sent
+        return done
+
+    def close(self) -> None:
+        for _ in range(self._threads):
+            self._jobs.put(None)
+
+    def _sender(self) -> None:
+        ctx = self.ctx
+        while (job := self._jobs.get()) is not None:
+            try:
+                sent = ctx.senders.run(_send, ctx, job)
+            except BaseException as e:  # raised in the push's thread, as the push's own error
+                sent = e
+            self._back.put(sent)
 
 
 def _intend(ctx: _Push, batch: list[Change], attributes: frozenset[str]) -> bool:
