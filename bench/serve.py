@@ -12,8 +12,9 @@ its standard input closes, then prints a JSON line: requests received (each requ
 arrival time and what it counts against the limit), throttled answers, and when the first
 request arrived while another was still being answered (``overlap``: the push's start is
 over). Each arrival also names its user when the request carries one user's ops of one
-type (EngageLab's ``euid``; else null): such a user's types go one after the other. LATENCY is added to every answer; with SIGMA, it is the median of a lognormal
-latency of that shape.
+type (EngageLab's ``euid``; else null): such a user's types go one after the other.
+LATENCY is added to every answer; with SIGMA, it is the median of a lognormal latency of
+that shape.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def _freeze_heap() -> None:
     """Take the heap that exists before the push (imports, the plan's leftovers) out of the
     collector's sight until it ends. At a fast vendor's rate of users the queued changes
     trigger a full collection every second or so, and a full collection walks the whole heap
-    while holding the GIL: no request starts meanwhile (bench/README.md). Frozen objects are
+    while holding the GIL: no request starts meanwhile. Frozen objects are
     still freed by their reference counts; a collection first leaves no cyclic garbage behind.
     Process-wide: pushes overlapping in one process share it, and the first to end thaws it
     for all, which costs them speed, never correctness."""
